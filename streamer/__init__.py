@@ -1,0 +1,1 @@
+"""Stream Postgres row changes to browsers as Server-Sent Events."""

@@ -1,0 +1,206 @@
+"""The aiohttp app: routes, errors as JSON, lifecycle of the pool, listener and tickers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import aiohttp_cors
+import asyncpg
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streamer import keys
+from streamer.auth import Authenticator
+from streamer.config import Settings
+from streamer.db import create_pool
+from streamer.errors import ApiError, AuthError
+from streamer.feed import FILES, prune
+from streamer.hub import Hub
+from streamer.listener import Listener
+from streamer.metrics import Metrics
+from streamer.streams import file_events, file_item_events
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+PRUNE_EVERY = 3600.0
+HTTP_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    response = web.json_response({"error": message, "code": code}, status=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        if not isinstance(exc, AuthError) and exc.status >= 500:
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+        return error_response(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_CODES.get(exc.status, "HTTP_ERROR")
+        response = error_response(exc.status, code, exc.reason + ".")
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+
+
+_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, never with a token: the query's access_token is redacted and
+    no header is logged."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %.3fs",
+            request.remote,
+            request.method,
+            redact(request.path_qs),
+            response.status,
+            time,
+        )
+
+
+# -- lifecycle ---------------------------------------------------------------------
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    pool = await create_pool(app[keys.DSN], settings.pool_size)
+    app[keys.POOL] = pool
+    listener = Listener(app[keys.LISTEN_DSN], pool, app[keys.HUB], app[keys.METRICS])
+    app[keys.LISTENER] = listener
+    task = asyncio.create_task(listener.run(), name="listener")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await listener.close()
+    await pool.close()
+
+
+async def _prune_forever(pool: asyncpg.Pool, keep_hours: float) -> None:
+    while True:
+        try:
+            gone = await prune(pool, FILES, keep_hours)
+            if gone:
+                log.info("pruned %d tombstones older than %sh", gone, keep_hours)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
+        await asyncio.sleep(PRUNE_EVERY)
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    auth = app[keys.AUTH]
+    await auth.start()
+    tasks = [
+        asyncio.create_task(app[keys.HUB].run_heartbeats(settings.heartbeat_seconds)),
+        asyncio.create_task(_prune_forever(app[keys.POOL], settings.tombstone_retention_hours)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await auth.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    app[keys.HUB].close_all("shutdown")
+
+
+# -- operations --------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    listener = request.app[keys.LISTENER]
+    problems = []
+    if not listener.ready.is_set():
+        problems.append("listener down")
+    try:
+        async with asyncio.timeout(2):
+            await request.app[keys.POOL].fetchval("select 1")
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        problems.append("database unreachable")
+    if problems:
+        return error_response(503, "UNAVAILABLE", "Not ready: " + ", ".join(problems) + ".")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_as_json])
+    app[keys.SETTINGS] = settings
+    app[keys.DSN] = dsn
+    app[keys.LISTEN_DSN] = listen_dsn or dsn
+    app[keys.METRICS] = Metrics()
+    app[keys.HUB] = Hub(
+        FILES,
+        app[keys.METRICS],
+        max_streams_per_owner=settings.max_streams_per_user,
+        max_streams=settings.max_streams,
+        queue_limit=settings.queue_limit,
+        write_timeout=settings.write_timeout_seconds,
+    )
+    app[keys.AUTH] = Authenticator(settings)
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_end_streams)
+
+    streams = [
+        app.router.add_get("/api/files/events", file_events, allow_head=False),
+        app.router.add_get("/api/files/{id}/events", file_item_events, allow_head=False),
+    ]
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    if STATIC.is_dir():
+        app.router.add_static("/static/", STATIC)
+
+    origins = settings.cors_origin_list
+    if origins:
+        options = aiohttp_cors.ResourceOptions(
+            allow_credentials=True,
+            allow_headers=("Authorization", "Last-Event-ID", "Cache-Control"),
+            allow_methods=("GET",),
+            max_age=600,
+        )
+        cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+        for route in streams:
+            cors.add(route)
+    return app

@@ -1,0 +1,221 @@
+"""streamer serve | migrate | token | demo"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from streamer.auth import mint_token
+from streamer.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("streamer")
+
+DESCRIPTION = """\
+Stream Postgres row changes of the `files` table to browsers as Server-Sent Events.
+
+  streamer serve      run the service (an embedded Postgres when DATABASE_URL is unset)
+  streamer migrate    apply sql/ to DATABASE_URL
+  streamer token      mint a development HS256 token for a user
+  streamer demo       embedded Postgres + simulated file processor + demo page
+
+Configuration comes from the environment (DATABASE_URL, STREAMER_*); flags override it.
+"""
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
+def dev_secret(settings: Settings) -> str:
+    """The dev-mode secret: generated once, kept in the data dir."""
+    path = settings.data_dir / "jwt_secret"
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def resolve_secret(settings: Settings) -> Settings:
+    """Outside dev mode some way to verify tokens is required; in dev mode one is made."""
+    if settings.jwt_secret or settings.jwks_url:
+        return settings
+    if not settings.embedded:
+        raise ConfigError(
+            "invalid setting STREAMER_JWT_SECRET: set it (or STREAMER_JWKS_URL) "
+            "when DATABASE_URL is set"
+        )
+    return settings.model_copy(update={"jwt_secret": dev_secret(settings)})
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in ("host", "port", "database_url", "data_dir", "workers", "heartbeat_seconds")
+    }
+    return load_settings(**flags)
+
+
+def _print_welcome(settings: Settings, dsn: str) -> None:
+    user = uuid.uuid4()
+    assert settings.jwt_secret is not None
+    token = mint_token(settings.jwt_secret, user, 24 * 3600)
+    base = f"http://{settings.host}:{settings.port}"
+    print(
+        f"""
+streamer is serving on {base} (embedded Postgres, data in {settings.data_dir}/)
+
+A token for user {user} (valid 24 h):
+  {token}
+
+Watch that user's files:
+  curl -N -H "Authorization: Bearer {token}" {base}/api/files/events
+
+Make an event, in another terminal:
+  psql "{dsn}" -c "insert into files (user_id, filename) values ('{user}', 'hello.pdf')"
+""",
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamer.app import AccessLogger, create_app
+    from streamer.db import Database, migrate
+
+    settings = resolve_secret(_settings(args))
+    setup_logging(settings)
+    database = Database.from_settings(settings)
+    if not args.no_migrate:
+        migrate(database.dsn)
+    if settings.workers > 1:
+        from streamer.workers import serve_workers
+
+        return serve_workers(settings, database.dsn, database.listen_dsn)
+    app = create_app(settings, database.dsn, database.listen_dsn)
+    if database.embedded is not None:
+        _print_welcome(settings, database.dsn)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log_class=AccessLogger,
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
+        print=None,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from streamer.db import Database, migrate
+
+    settings = _settings(args)
+    setup_logging(settings)
+    database = Database.from_settings(settings)
+    applied = migrate(database.dsn)
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = resolve_secret(_settings(args))
+    try:
+        user = uuid.UUID(args.user)
+    except ValueError:
+        raise ConfigError(f"--user must be a UUID, not {args.user!r}") from None
+    if args.ttl <= 0:
+        raise ConfigError("--ttl must be a positive number of seconds")
+    assert settings.jwt_secret is not None
+    print(
+        mint_token(
+            settings.jwt_secret,
+            user,
+            args.ttl,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streamer.demo import run_demo
+
+    settings = resolve_secret(_settings(args))
+    setup_logging(settings)
+    return run_demo(settings)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="streamer", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
+    )
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database-url", help="Postgres URL (DATABASE_URL); unset: embedded")
+        p.add_argument("--data-dir", type=Path, help="embedded data (STREAMER_DATA_DIR)")
+
+    serve = commands.add_parser("serve", help="run the service")
+    common(serve)
+    serve.add_argument("--host", help="address to bind (STREAMER_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (STREAMER_PORT, 8080)")
+    serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+    serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (30)")
+    serve.add_argument("--no-migrate", action="store_true", help="do not apply sql/ first")
+    serve.set_defaults(run=cmd_serve)
+
+    mig = commands.add_parser("migrate", help="apply sql/ migrations, each once")
+    common(mig)
+    mig.set_defaults(run=cmd_migrate)
+
+    token = commands.add_parser("token", help="mint a development HS256 token")
+    common(token)
+    token.add_argument("--user", required=True, help="the user id (a UUID): the token's sub")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
+    token.set_defaults(run=cmd_token)
+
+    demo = commands.add_parser("demo", help="embedded Postgres, a simulated writer, a page")
+    common(demo)
+    demo.add_argument("--host", help="address to bind (127.0.0.1)")
+    demo.add_argument("--port", type=int, help="port (8080)")
+    demo.set_defaults(run=cmd_demo)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ConfigError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,70 @@
+"""Settings, read once from the environment (and CLI flags) and validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line naming it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMER_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "database_url")
+    )
+    # For deployments whose pool goes through PgBouncer in transaction mode (no LISTEN there).
+    listen_database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    jwt_secret: str | None = None
+    jwks_url: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_cookie: str = Field(default="access_token", min_length=1)
+    heartbeat_seconds: float = Field(default=30.0, gt=0, le=3600)
+    retry_ms: int = Field(default=2000, ge=0, le=600_000)
+    cors_origins: str = ""
+    max_streams_per_user: int = Field(default=100, ge=1)
+    max_streams: int = Field(default=20_000, ge=1)
+    queue_limit: int = Field(default=1000, ge=1)
+    write_timeout_seconds: float = Field(default=15.0, gt=0)
+    tombstone_retention_hours: float = Field(default=168.0, gt=0)
+    pool_size: int = Field(default=4, ge=1, le=100)
+    data_dir: Path = Path(".streamer")
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    workers: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, value: str) -> str:
+        if "*" in value:
+            raise ValueError("a wildcard cannot be used with credentials; list the origins")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit (flag) values on top; one-line errors."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = str(error["loc"][0]) if error["loc"] else "setting"
+        env = "DATABASE_URL" if name == "database_url" else f"STREAMER_{name.upper()}"
+        raise ConfigError(f"invalid setting {env}: {error['msg']}") from None

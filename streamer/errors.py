@@ -1,0 +1,67 @@
+"""Every error a client can cause, as a small named class with its HTTP status and code.
+
+The one place they become responses is the error middleware in app.py.
+"""
+
+
+class ApiError(Exception):
+    status = 400
+    code = "BAD_REQUEST"
+    message = "The request is not valid."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.message)
+        self.message = message or self.message
+
+
+class AuthError(ApiError):
+    """Any 401: the response carries `WWW-Authenticate: Bearer`."""
+
+    status = 401
+
+
+class AuthRequired(AuthError):
+    code = "AUTH_REQUIRED"
+    message = "A bearer token is required: Authorization header, access_token parameter or cookie."
+
+
+class TokenInvalid(AuthError):
+    code = "TOKEN_INVALID"
+    message = "The token is not valid."
+
+
+class TokenExpired(AuthError):
+    code = "TOKEN_EXPIRED"
+    message = "The token has expired."
+
+
+class InvalidCursor(ApiError):
+    code = "INVALID_CURSOR"
+    message = "Last-Event-ID is not a cursor this server issued."
+
+
+class InvalidId(ApiError):
+    code = "INVALID_ID"
+    message = "The id is not a UUID."
+
+
+class InvalidParameter(ApiError):
+    code = "INVALID_PARAMETER"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "NOT_FOUND"
+    message = "No such file."
+
+
+class TooManyStreams(ApiError):
+    status = 429
+    code = "TOO_MANY_STREAMS"
+    message = "Too many open streams for this user."
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "UNAVAILABLE"
+    message = "The service is not ready."

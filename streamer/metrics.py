@@ -1,0 +1,43 @@
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.streams_open = Gauge("streamer_streams_open", "Open SSE streams", registry=r)
+        self.events_sent = Counter(
+            "streamer_events_sent", "Events written to streams", registry=r
+        )
+        self.events_dropped = Counter(
+            "streamer_events_dropped",
+            "Events not delivered: undecodable notifications, or queued for a stream that "
+            "was disconnected for falling behind",
+            registry=r,
+        )
+        self.slow_disconnects = Counter(
+            "streamer_slow_client_disconnects", "Streams cut for not reading", registry=r
+        )
+        self.listener_reconnects = Counter(
+            "streamer_listener_reconnects", "Times the LISTEN connection was re-established",
+            registry=r,
+        )  # fmt: skip
+        self.listener_up = Gauge(
+            "streamer_listener_up", "1 while the LISTEN connection is up", registry=r
+        )
+        self.notifications = Counter(
+            "streamer_notifications", "Change notifications received", registry=r
+        )
+        self.notification_lag = Histogram(
+            "streamer_notification_lag_seconds",
+            "From the writer's statement to the notification being fanned out",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=r,
+        )
+        self.rejected_streams = Counter(
+            "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
+        )

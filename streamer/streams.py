@@ -1,0 +1,183 @@
+"""The two SSE handlers: every file of the caller, and one file's progress.
+
+A stream subscribes to its owner in the hub *before* it reads the database, so nothing
+committed in between is missed; what the read already saw is then skipped by snapshot
+visibility, so nothing is sent twice or older-after-newer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from uuid import UUID
+
+import asyncpg
+from aiohttp import web
+
+from streamer import keys
+from streamer.errors import InvalidId, InvalidParameter, NotFound, Unavailable
+from streamer.events import ResetEvent, SyncedEvent, TokenExpiredEvent, frame, now, retry_frame
+from streamer.feed import CatchUp, Gone, Snapshot, catch_up, current_snapshot, parse_cursor
+from streamer.hub import Envelope, Subscriber
+
+SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "0").lower()
+    if value in TRUE:
+        return True
+    if value in FALSE:
+        return False
+    raise InvalidParameter(f"Query parameter {name} must be 1 or 0.")
+
+
+def _cursor(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    return None if raw is None or raw == "" else parse_cursor(raw)
+
+
+async def _open(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    await response.prepare(request)
+    await response.write(retry_frame(request.app[keys.SETTINGS].retry_ms))
+    return response
+
+
+def _expire_at(sub: Subscriber, expires_at: float) -> asyncio.TimerHandle:
+    loop = asyncio.get_running_loop()
+    envelope = Envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
+    delay = max(0.0, expires_at - time.time())
+    return loop.call_at(loop.time() + delay, lambda: sub.push(envelope))
+
+
+async def _pump(
+    request: web.Request,
+    response: web.StreamResponse,
+    sub: Subscriber,
+    seen: Snapshot,
+) -> None:
+    """Write queued events until the stream must end: token expiry, a one-row stream's
+    last event, the client leaving, or the hub closing it."""
+    metrics = request.app[keys.METRICS]
+    transport = request.transport
+    if transport is not None:
+        sub.abort = transport.abort
+    while True:
+        batch = await sub.next_batch()
+        if not batch:
+            return
+        chunks: list[bytes] = []
+        last = False
+        for envelope in batch:
+            if envelope.xid is not None and seen.sees(envelope.xid):
+                continue  # already in what this stream read from the database
+            chunks.append(envelope.data)
+            if envelope.closes or (sub.row_id is not None and envelope.ends_row):
+                last = True
+                break
+        if chunks:
+            sub.writing_since = time.monotonic()
+            try:
+                await response.write(b"".join(chunks))
+            finally:
+                sub.writing_since = None
+            metrics.events_sent.inc(len(chunks))
+        if last:
+            return
+
+
+async def _serve(
+    request: web.Request, response: web.StreamResponse, sub: Subscriber, seen: Snapshot
+) -> web.StreamResponse:
+    try:
+        await _pump(request, response, sub, seen)
+    except ConnectionResetError:
+        pass  # the client left; its subscription is released by the caller
+    return response
+
+
+async def file_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/files/events: every file of the caller, live, resumable by cursor."""
+    app = request.app
+    principal = await app[keys.AUTH].authenticate(request)
+    since = _cursor(request)
+    snapshot = _flag(request, "snapshot")
+    hub, feed = app[keys.HUB], app[keys.HUB].feed
+    sub = hub.subscribe(principal.user_id)
+    expiry = _expire_at(sub, principal.expires_at)
+    try:
+        result: CatchUp | None = None
+        try:
+            async with app[keys.POOL].acquire() as conn:
+                if since is not None or snapshot:
+                    result = await catch_up(conn, feed, [principal.user_id], since)
+                    seen = result.snapshot
+                else:
+                    seen = await current_snapshot(conn)
+        except DB_ERRORS as exc:
+            raise Unavailable("The database is not reachable; retry shortly.") from exc
+        response = await _open(request)
+        if result is not None:
+            resumed = since is not None and not result.reset
+            cursor = str(since) if resumed else SNAPSHOT_CURSOR
+            chunks = [frame(ResetEvent(timestamp=now()))] if result.reset else []
+            for _owner, item in result.in_order():
+                if isinstance(item, Gone):
+                    chunks.append(frame(feed.delete_event(item.id), cursor))
+                else:
+                    chunks.append(frame(feed.update_event(item), cursor))
+            await response.write(b"".join(chunks))
+        await response.write(frame(SyncedEvent(timestamp=now()), seen.cursor))
+        return await _serve(request, response, sub, seen)
+    except ConnectionResetError:
+        return web.Response()  # the client left during set-up: nothing to answer
+    finally:
+        expiry.cancel()
+        hub.unsubscribe(sub)
+
+
+async def file_item_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/files/{id}/events: one file's state, then its updates until the end."""
+    app = request.app
+    principal = await app[keys.AUTH].authenticate(request)
+    try:
+        row_id = UUID(request.match_info["id"])
+    except ValueError:
+        raise InvalidId() from None
+    hub, feed = app[keys.HUB], app[keys.HUB].feed
+    sub = hub.subscribe(principal.user_id, row_id)
+    expiry = _expire_at(sub, principal.expires_at)
+    try:
+        try:
+            async with app[keys.POOL].acquire() as conn:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    seen = await current_snapshot(conn)
+                    record = await conn.fetchrow(
+                        f"select {feed.select_list} from {feed.name} "
+                        f"where id = $1 and {feed.owner_column} = $2",
+                        row_id,
+                        principal.user_id,
+                    )
+        except DB_ERRORS as exc:
+            raise Unavailable("The database is not reachable; retry shortly.") from exc
+        if record is None:
+            raise NotFound()
+        row = feed.row_model.model_validate(dict(record))
+        response = await _open(request)
+        await response.write(frame(feed.update_event(row), seen.cursor))
+        if feed.is_terminal(row):
+            return response
+        return await _serve(request, response, sub, seen)
+    except ConnectionResetError:
+        return web.Response()
+    finally:
+        expiry.cancel()
+        hub.unsubscribe(sub)

@@ -194,7 +194,7 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
 
     origins = settings.cors_origin_list
     if origins:
-        options = aiohttp_cors.ResourceOptions(
+        options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
             allow_credentials=True,
             allow_headers=("Authorization", "Last-Event-ID", "Cache-Control"),
             allow_methods=("GET",),

@@ -11,8 +11,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
 
@@ -105,30 +103,19 @@ Make an event, in another terminal:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from streamer.app import AccessLogger, create_app
     from streamer.db import Database, migrate
+    from streamer.workers import run_server, serve_workers
 
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     database = Database.from_settings(settings)
     if not args.no_migrate:
         migrate(database.dsn)
-    if settings.workers > 1:
-        from streamer.workers import serve_workers
-
-        return serve_workers(settings, database.dsn, database.listen_dsn)
-    app = create_app(settings, database.dsn, database.listen_dsn)
     if database.embedded is not None:
         _print_welcome(settings, database.dsn)
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log_class=AccessLogger,
-        handler_cancellation=True,
-        shutdown_timeout=1.0,
-        print=None,
-    )
+    if settings.workers > 1:
+        return serve_workers(settings, database.dsn, database.listen_dsn)
+    run_server(settings, database.dsn, database.listen_dsn)
     return 0
 
 

@@ -49,7 +49,7 @@ def migrate(dsn: str) -> list[str]:
                     continue
                 text = path.read_text()
                 with conn.transaction():
-                    conn.execute(sql.SQL(text))  # type: ignore[call-overload]
+                    conn.execute(sql.SQL(text))
                     conn.execute(
                         "insert into streamer.migrations (name, checksum) values (%s, %s)",
                         (path.name, hashlib.sha256(text.encode()).hexdigest()),

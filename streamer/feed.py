@@ -17,10 +17,10 @@ from pydantic import BaseModel, Field
 
 from streamer.errors import InvalidCursor
 from streamer.events import (
+    Event,
     FileDeletedEvent,
     FileRef,
     FileUpdateEvent,
-    Event,
     StreamedFile,
     now,
 )
@@ -181,8 +181,7 @@ async def fetch_row(
     conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, row_id: UUID
 ) -> tuple[UUID, StreamedFile] | None:
     record = await conn.fetchrow(
-        f"select {feed.select_list}, {feed.owner_column} as __owner from {feed.name} "
-        "where id = $1",
+        f"select {feed.select_list}, {feed.owner_column} as __owner from {feed.name} where id = $1",
         row_id,
     )
     if record is None:

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncpg
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from streamer.auth import Authenticator
-    from streamer.config import Settings
-    from streamer.hub import Hub
-    from streamer.listener import Listener
-    from streamer.metrics import Metrics
+from streamer.auth import Authenticator
+from streamer.config import Settings
+from streamer.hub import Hub
+from streamer.listener import Listener
+from streamer.metrics import Metrics
 
-SETTINGS = web.AppKey["Settings"]("settings")
-DSN = web.AppKey[str]("dsn")
-LISTEN_DSN = web.AppKey[str]("listen_dsn")
-METRICS = web.AppKey["Metrics"]("metrics")
-AUTH = web.AppKey["Authenticator"]("auth")
-POOL = web.AppKey[asyncpg.Pool]("pool")
-HUB = web.AppKey["Hub"]("hub")
-LISTENER = web.AppKey["Listener"]("listener")
+SETTINGS = web.AppKey("settings", Settings)
+DSN = web.AppKey("dsn", str)
+LISTEN_DSN = web.AppKey("listen_dsn", str)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Authenticator)
+POOL = web.AppKey("pool", asyncpg.Pool)
+HUB = web.AppKey("hub", Hub)
+LISTENER = web.AppKey("listener", Listener)

@@ -23,7 +23,15 @@ from uuid import UUID
 import asyncpg
 from pydantic import ValidationError
 
-from streamer.feed import CHANNEL, Feed, Notification, Snapshot, catch_up, current_snapshot, fetch_row
+from streamer.feed import (
+    CHANNEL,
+    Feed,
+    Notification,
+    Snapshot,
+    catch_up,
+    current_snapshot,
+    fetch_row,
+)
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 

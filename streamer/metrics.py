@@ -10,9 +10,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.streams_open = Gauge("streamer_streams_open", "Open SSE streams", registry=r)
-        self.events_sent = Counter(
-            "streamer_events_sent", "Events written to streams", registry=r
-        )
+        self.events_sent = Counter("streamer_events_sent", "Events written to streams", registry=r)
         self.events_dropped = Counter(
             "streamer_events_dropped",
             "Events not delivered: undecodable notifications, or queued for a stream that "

@@ -8,6 +8,7 @@ visibility, so nothing is sent twice or older-after-newer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from uuid import UUID
 
@@ -97,10 +98,8 @@ async def _pump(
 async def _serve(
     request: web.Request, response: web.StreamResponse, sub: Subscriber, seen: Snapshot
 ) -> web.StreamResponse:
-    try:
+    with contextlib.suppress(ConnectionResetError):  # the client left
         await _pump(request, response, sub, seen)
-    except ConnectionResetError:
-        pass  # the client left; its subscription is released by the caller
     return response
 
 
@@ -157,15 +156,17 @@ async def file_item_events(request: web.Request) -> web.StreamResponse:
     expiry = _expire_at(sub, principal.expires_at)
     try:
         try:
-            async with app[keys.POOL].acquire() as conn:
-                async with conn.transaction(isolation="repeatable_read", readonly=True):
-                    seen = await current_snapshot(conn)
-                    record = await conn.fetchrow(
-                        f"select {feed.select_list} from {feed.name} "
-                        f"where id = $1 and {feed.owner_column} = $2",
-                        row_id,
-                        principal.user_id,
-                    )
+            async with (
+                app[keys.POOL].acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                seen = await current_snapshot(conn)
+                record = await conn.fetchrow(
+                    f"select {feed.select_list} from {feed.name} "
+                    f"where id = $1 and {feed.owner_column} = $2",
+                    row_id,
+                    principal.user_id,
+                )
         except DB_ERRORS as exc:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         if record is None:

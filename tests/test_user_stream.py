@@ -1,0 +1,202 @@
+"""GET /api/files/events: a user's stream of their own files."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from tests.conftest import Service, insert_file, start_service, stop_service, token_for
+from tests.sse import open_stream
+
+EVENTS = "/api/files/events"
+FILE_FIELDS = {
+    "id", "filename", "file_type", "status", "progress", "processing_stage",
+    "error_message", "created_at", "updated_at", "version",
+}  # fmt: skip
+
+
+async def test_stream_has_sse_headers_and_begins_with_retry(service: Service, user):
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        headers = stream.response.headers
+        assert headers["Content-Type"] == "text/event-stream"
+        assert headers["Cache-Control"] == "no-cache"
+        assert headers["X-Accel-Buffering"] == "no"
+        assert "Content-Encoding" not in headers
+        assert stream.retry is not None
+        assert stream.events[0].name == "synced"
+        assert stream.events[0].id
+
+
+async def test_insert_update_delete_each_produce_the_right_event(service: Service, db, user):
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        file_id = await insert_file(db, user, "a.pdf", file_type="pdf")
+        created = await stream.next()
+        assert created.name == "file-update"
+        assert created.json["eventType"] == "file-update"
+        assert set(created.file) == FILE_FIELDS
+        assert created.file["id"] == str(file_id)
+        assert created.file["status"] == "pending"
+        assert created.file["file_type"] == "pdf"
+        assert created.json["timestamp"].endswith("Z")
+        assert created.id
+
+        await db.execute(
+            "update files set status = 'processing', progress = 50,"
+            " processing_stage = 'compression' where id = $1",
+            file_id,
+        )
+        updated = await stream.next()
+        assert updated.name == "file-update"
+        assert (updated.file["status"], updated.file["progress"]) == ("processing", 50)
+        assert updated.file["processing_stage"] == "compression"
+        assert updated.file["version"] > created.file["version"]
+        assert updated.file["updated_at"] >= created.file["updated_at"]
+
+        await db.execute("delete from files where id = $1", file_id)
+        deleted = await stream.next()
+        assert deleted.name == "file-deleted"
+        assert deleted.json["file"] == {"id": str(file_id)}
+        assert deleted.json["eventType"] == "file-deleted"
+        assert deleted.id
+
+
+async def test_another_users_changes_never_reach_the_stream(service: Service, db, user, other_user):
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        theirs = await insert_file(db, other_user, "secret.pdf")
+        await db.execute("update files set progress = 10 where id = $1", theirs)
+        await db.execute("delete from files where id = $1", theirs)
+        mine = await insert_file(db, user, "mine.pdf")
+        event = await stream.next()
+        assert event.file["id"] == str(mine)
+        raw = "".join(e.data for e in stream.events)
+        assert str(theirs) not in raw and "secret.pdf" not in raw
+
+
+async def test_a_rolled_back_change_emits_nothing(service: Service, db, user):
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        async with db.transaction():
+            await insert_file(db, user, "kept.pdf")
+        tx = db.transaction()
+        await tx.start()
+        await insert_file(db, user, "rolled-back.pdf")
+        await tx.rollback()
+        marker = await insert_file(db, user, "after.pdf")
+        names = [(await stream.next()).file["filename"], (await stream.next()).file["filename"]]
+        assert names == ["kept.pdf", "after.pdf"]
+        assert all("rolled-back" not in e.data for e in stream.events)
+        assert marker
+
+
+async def test_a_one_megabyte_row_arrives_whole(service: Service, db, user):
+    big = "x" * 1_000_000
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        file_id = await insert_file(db, user, "huge.bin")
+        await stream.next()
+        await db.execute(
+            "update files set status = 'failed', error_message = $2 where id = $1", file_id, big
+        )
+        event = await stream.next()
+        assert event.file["error_message"] == big
+        assert event.file["status"] == "failed"
+
+
+async def test_notification_payloads_stay_under_8000_bytes(db, user):
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    await db.add_listener("streamer", lambda *args: payloads.put_nowait(args[3]))
+    file_id = await insert_file(db, user, "n" * 20_000, error_message="e" * 1_000_000)
+    await db.execute("update files set progress = 1 where id = $1", file_id)
+    await db.execute("delete from files where id = $1", file_id)
+    sizes = [len((await asyncio.wait_for(payloads.get(), 5)).encode()) for _ in range(3)]
+    assert max(sizes) < 8000
+
+
+async def test_ownership_transfer_is_a_delete_for_the_old_owner_and_an_update_for_the_new(
+    service: Service, db, user, other_user
+):
+    url = service.url(EVENTS)
+    async with (
+        open_stream(service.session, url, token_for(user)) as old,
+        open_stream(service.session, url, token_for(other_user)) as new,
+    ):
+        file_id = await insert_file(db, user, "moving.pdf")
+        await old.next()
+        await db.execute("update files set user_id = $2 where id = $1", file_id, other_user)
+        gone = await old.next()
+        assert gone.name == "file-deleted" and gone.json["file"] == {"id": str(file_id)}
+        arrived = await new.next()
+        assert arrived.name == "file-update" and arrived.file["id"] == str(file_id)
+        assert arrived.file["filename"] == "moving.pdf"
+
+
+async def test_heartbeats_arrive_at_the_configured_interval_without_an_id(database_url, user):
+    service = await start_service(database_url, heartbeat_seconds=0.05)
+    try:
+        async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+            beats = [await stream.until("heartbeat"), await stream.until("heartbeat")]
+            for seen in beats:
+                beat = seen[-1]
+                assert beat.id is None
+                assert beat.json["eventType"] == "heartbeat"
+                assert beat.json["timestamp"].endswith("Z")
+    finally:
+        await stop_service(service)
+
+
+async def test_synced_comes_before_any_live_event(service: Service, db, user):
+    writer_done = asyncio.Event()
+
+    async def keep_writing() -> None:
+        for i in range(30):
+            await insert_file(db, user, f"f{i}.pdf")
+        writer_done.set()
+
+    task = asyncio.create_task(keep_writing())
+    async with open_stream(
+        service.session, service.url(EVENTS), token_for(user), synced=False
+    ) as stream:
+        first = await stream.next()
+        assert first.name == "synced"
+        await writer_done.wait()
+    await task
+
+
+async def test_every_file_event_carries_a_cursor_id(service: Service, db, user):
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        file_id = await insert_file(db, user)
+        await db.execute("delete from files where id = $1", file_id)
+        for event in [await stream.next(), await stream.next()]:
+            assert event.id is not None and event.id.isdigit()
+
+
+async def test_two_tabs_of_one_user_both_receive_every_event(service: Service, db, user):
+    url = service.url(EVENTS)
+    async with (
+        open_stream(service.session, url, token_for(user)) as tab1,
+        open_stream(service.session, url, token_for(user)) as tab2,
+    ):
+        ids = [await insert_file(db, user, f"{i}.pdf") for i in range(5)]
+        for tab in (tab1, tab2):
+            got = [(await tab.next()).file["id"] for _ in ids]
+            assert got == [str(i) for i in ids]
+
+
+async def test_a_token_in_the_query_or_a_cookie_opens_the_stream(service: Service, db, user):
+    token = token_for(user)
+    url = service.url(EVENTS)
+    async with open_stream(service.session, url, params={"access_token": token}) as stream:
+        file_id = await insert_file(db, user)
+        assert (await stream.next()).file["id"] == str(file_id)
+    async with open_stream(service.session, url, headers={"Cookie": f"access_token={token}"}):
+        pass
+
+
+async def test_snapshot_sends_every_current_file_before_synced(service: Service, db, user):
+    ids = {str(await insert_file(db, user, f"{i}.pdf")) for i in range(3)}
+    await insert_file(db, uuid.uuid4(), "not-mine.pdf")
+    async with open_stream(
+        service.session, service.url(EVENTS), token_for(user), params={"snapshot": "1"}
+    ) as stream:
+        before = stream.events[:-1]
+        assert stream.events[-1].name == "synced"
+        assert {e.file["id"] for e in before} == ids
+        assert all(e.name == "file-update" for e in before)

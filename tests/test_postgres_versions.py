@@ -1,0 +1,85 @@
+"""The service works over TCP and a Unix socket, on the embedded PostgreSQL 18 and on a
+system PostgreSQL 15 when one is installed (users bring their own server)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from streamer.db import migrate
+from tests.conftest import PostgresServer, insert_file, start_service, stop_service, token_for
+from tests.sse import open_stream
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+async def stream_one_change(url: str) -> None:
+    service = await start_service(url)
+    user = uuid.uuid4()
+    conn = await asyncpg.connect(url)
+    try:
+        async with open_stream(
+            service.session, service.url("/api/files/events"), token_for(user)
+        ) as stream:
+            file_id = await insert_file(conn, user, "over-the-socket.pdf")
+            event = await stream.next()
+            assert event.file["id"] == str(file_id)
+    finally:
+        await conn.close()
+        await stop_service(service)
+
+
+async def test_the_service_works_over_a_unix_socket(postgres: PostgresServer, database_url):
+    if postgres.embedded is None:
+        pytest.skip("DATABASE_URL given: its socket, if any, is not ours to know")
+    name = database_url.rsplit("/", 1)[1]
+    await stream_one_change(postgres.embedded.socket_url(name))
+
+
+@pytest.fixture(scope="module")
+def postgres15() -> Iterator[tuple[str, str]]:
+    """A throwaway PostgreSQL 15 cluster: (TCP URL, Unix socket URL)."""
+    if not (PG15_BIN / "postgres").exists():
+        pytest.skip("no system PostgreSQL 15 installed")
+    from streamer.embedded import _free_port, ensure_system_user
+
+    root = Path(tempfile.mkdtemp(prefix="streamer-pg15-"))
+    data, port = root / "data", _free_port()
+    run_as = {"user": "embedded_postgres"} if os.geteuid() == 0 else {}
+    if run_as:
+        shutil.chown(root, ensure_system_user().pw_name)  # Postgres refuses to run as root
+    subprocess.run(
+        [PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"],
+        check=True, capture_output=True, **run_as,  # type: ignore[arg-type]
+    )  # fmt: skip
+    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
+    subprocess.run(
+        [PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", options, "start"],
+        check=True, capture_output=True, **run_as,  # type: ignore[arg-type]
+    )  # fmt: skip
+    try:
+        tcp = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        migrate(tcp)
+        yield tcp, f"postgresql://postgres@/postgres?host={root}&port={port}"
+    finally:
+        subprocess.run(
+            [PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop"],
+            capture_output=True, **run_as,  # type: ignore[arg-type]
+        )  # fmt: skip
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_the_service_works_on_postgres_15_over_tcp(postgres15):
+    await stream_one_change(postgres15[0])
+
+
+async def test_the_service_works_on_postgres_15_over_a_unix_socket(postgres15):
+    await stream_one_change(postgres15[1])

@@ -53,27 +53,23 @@ def postgres15() -> Iterator[tuple[str, str]]:
 
     root = Path(tempfile.mkdtemp(prefix="streamer-pg15-"))
     data, port = root / "data", _free_port()
-    run_as = {"user": "embedded_postgres"} if os.geteuid() == 0 else {}
-    if run_as:
-        shutil.chown(root, ensure_system_user().pw_name)  # Postgres refuses to run as root
-    subprocess.run(
-        [PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync"],
-        check=True, capture_output=True, **run_as,  # type: ignore[arg-type]
-    )  # fmt: skip
+    user = None
+    if os.geteuid() == 0:  # Postgres refuses to run as root
+        user = ensure_system_user().pw_name
+        shutil.chown(root, user)
+
+    def run(*args: object, check: bool = True) -> None:
+        subprocess.run([str(a) for a in args], check=check, capture_output=True, user=user)
+
+    run(PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
     options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
-    subprocess.run(
-        [PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", options, "start"],
-        check=True, capture_output=True, **run_as,  # type: ignore[arg-type]
-    )  # fmt: skip
+    run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", options, "start")
     try:
         tcp = f"postgresql://postgres@127.0.0.1:{port}/postgres"
         migrate(tcp)
         yield tcp, f"postgresql://postgres@/postgres?host={root}&port={port}"
     finally:
-        subprocess.run(
-            [PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop"],
-            capture_output=True, **run_as,  # type: ignore[arg-type]
-        )  # fmt: skip
+        run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop", check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from streamer.feed import CatchUp, Gone, Snapshot, catch_up, current_snapshot, p
 from streamer.hub import Envelope, Subscriber
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
+NOTHING_SEEN = Snapshot(0, 0, frozenset())
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -114,15 +115,17 @@ async def file_events(request: web.Request) -> web.StreamResponse:
     expiry = _expire_at(sub, principal.expires_at)
     try:
         result: CatchUp | None = None
-        try:
-            async with app[keys.POOL].acquire() as conn:
-                if since is not None or snapshot:
+        if since is not None or snapshot:
+            try:
+                async with app[keys.POOL].acquire() as conn:
                     result = await catch_up(conn, feed, [principal.user_id], since)
-                    seen = result.snapshot
-                else:
-                    seen = await current_snapshot(conn)
-        except DB_ERRORS as exc:
-            raise Unavailable("The database is not reachable; retry shortly.") from exc
+            except DB_ERRORS as exc:
+                raise Unavailable("The database is not reachable; retry shortly.") from exc
+            seen, synced_at = result.snapshot, result.snapshot.cursor
+        else:
+            # Nothing to read: the stream is live from its subscription on, and everything
+            # not yet dispatched is at or above the hub's watermark. No query at all.
+            seen, synced_at = NOTHING_SEEN, hub.cursor
         response = await _open(request)
         if result is not None:
             resumed = since is not None and not result.reset
@@ -134,7 +137,7 @@ async def file_events(request: web.Request) -> web.StreamResponse:
                 else:
                     chunks.append(frame(feed.update_event(item), cursor))
             await response.write(b"".join(chunks))
-        await response.write(frame(SyncedEvent(timestamp=now()), seen.cursor))
+        await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
         return await _serve(request, response, sub, seen)
     except ConnectionResetError:
         return web.Response()  # the client left during set-up: nothing to answer

@@ -138,6 +138,9 @@ class EmbeddedPostgres:
     @staticmethod
     def _port_is_free(port: int) -> bool:
         with socket.socket() as s:
+            # As Postgres binds: connections of its last run left in TIME_WAIT do not make
+            # the port taken, so a restart keeps its port (and every client's URL).
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:

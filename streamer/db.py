@@ -70,21 +70,43 @@ def ensure_database(admin_dsn: str, name: str) -> None:
 
 @dataclass
 class Database:
-    """The database the service uses: the configured one, or an embedded server."""
+    """The database the service uses: the configured one, or an embedded server.
+
+    Used as a context manager by each command: an embedded server the command started is
+    stopped when it exits; one that was already running is left running."""
 
     dsn: str
     listen_dsn: str
     embedded: EmbeddedPostgres | None = None
+    started_embedded: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
         if settings.database_url is not None:
             return cls(settings.database_url, settings.listen_database_url or settings.database_url)
         server = EmbeddedPostgres(settings.data_dir / "postgres")
+        was_running = server.is_running()
         server.start()
-        ensure_database(server.url(), EMBEDDED_DATABASE)
         dsn = server.url(EMBEDDED_DATABASE)
-        return cls(dsn, dsn, server)
+        database = cls(dsn, dsn, server, started_embedded=not was_running)
+        try:
+            ensure_database(server.url(), EMBEDDED_DATABASE)
+        except BaseException:
+            database.close()
+            raise
+        return database
+
+    def close(self) -> None:
+        if self.embedded is not None and self.started_embedded:
+            self.started_embedded = False
+            log.info("stopping the embedded Postgres")
+            self.embedded.stop()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:

@@ -58,26 +58,27 @@ def run_demo(settings: Settings) -> int:
     from streamer.simulator import run_simulator
     from streamer.workers import run_server
 
-    database = Database.from_settings(settings)
-    migrate(database.dsn)
-    user = demo_user(settings)
-    stop = threading.Event()
-    writer = threading.Thread(
-        target=run_simulator,
-        args=(database.dsn, user),
-        kwargs={"stop": stop},
-        name="simulated-file-processor",
-        daemon=True,
-    )
-    writer.start()
-    print(
-        f"\nstreamer demo: open http://{settings.host}:{settings.port}/demo/ "
-        f"(user {user}; a simulated file processor is writing to Postgres)\n",
-        flush=True,
-    )
-    try:
-        run_server(settings, database.dsn, database.listen_dsn, demo_user=user)
-    finally:
-        stop.set()
-        writer.join(timeout=5)
+    with Database.from_settings(settings) as database:
+        migrate(database.dsn)
+        user = demo_user(settings)
+        stop = threading.Event()
+        writer = threading.Thread(
+            target=run_simulator,
+            args=(database.dsn, user),
+            kwargs={"stop": stop},
+            name="simulated-file-processor",
+            daemon=True,
+        )
+        writer.start()
+        print(
+            f"\nstreamer demo: open http://{settings.host}:{settings.port}/demo/ "
+            f"(user {user}; a simulated file processor is writing to Postgres)\n",
+            flush=True,
+        )
+        try:
+            run_server(settings, database.dsn, database.listen_dsn, demo_user=user)
+        finally:
+            # The writer stops before its database does.
+            stop.set()
+            writer.join(timeout=5)
     return 0

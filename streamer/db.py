@@ -100,7 +100,10 @@ class Database:
         if self.embedded is not None and self.started_embedded:
             self.started_embedded = False
             log.info("stopping the embedded Postgres")
-            self.embedded.stop()
+            try:
+                self.embedded.stop()
+            except RuntimeError as exc:  # at exit: say so in one line, not a traceback
+                log.error("could not stop the embedded Postgres: %s", str(exc).splitlines()[0])
 
     def __enter__(self) -> Database:
         return self

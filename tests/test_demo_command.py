@@ -6,9 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -93,9 +95,13 @@ class Demo:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "data"
-    EmbeddedPostgres(tmp_path / "data" / "postgres").destroy()
+def data_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: as root, Postgres runs as another user that must reach
+    # its data, and a concurrent pytest session resets /tmp/pytest-of-<user> to 0700.
+    root = Path(tempfile.mkdtemp(prefix="streamer-demo-test-"))
+    yield root / "data"
+    EmbeddedPostgres(root / "data" / "postgres").destroy()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_streamer_demo_serves_the_page_a_token_and_live_events_then_stops_its_postgres(

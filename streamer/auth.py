@@ -274,13 +274,19 @@ def _signing_key(jwk: object) -> jwt.PyJWK | None:
 
 def _principal(claims: dict[str, Any]) -> Principal:
     exp, sub = claims["exp"], claims["sub"]
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise TokenInvalid("The token's exp claim is not a number.")
-    if exp <= time.time() - LEEWAY_SECONDS:
+    try:
+        expires_at = float(exp)  # a JSON integer can be too large for a float
+    except OverflowError:
+        raise TokenInvalid("The token's exp claim is out of range.") from None
+    if not math.isfinite(expires_at):
+        raise TokenInvalid("The token's exp claim is not a number.")
+    if expires_at <= time.time() - LEEWAY_SECONDS:
         raise TokenExpired()
     if not isinstance(sub, str) or not _UUID.fullmatch(sub):
         raise TokenInvalid("The token's sub claim is not a UUID.")
-    return Principal(user_id=uuid.UUID(sub), expires_at=float(exp))
+    return Principal(user_id=uuid.UUID(sub), expires_at=expires_at)
 
 
 def mint_token(

@@ -26,8 +26,9 @@ def run_server(
     reuse_port: bool = False,
     demo_user: uuid.UUID | None = None,
 ) -> None:
-    from streamer.app import AccessLogger, create_app
+    from streamer.app import create_app
     from streamer.cli import setup_logging
+    from streamer.server import server_options
 
     setup_logging(settings)
     app = create_app(settings, dsn, listen_dsn)
@@ -40,7 +41,7 @@ def run_server(
         host=settings.host,
         port=settings.port,
         reuse_port=reuse_port or None,
-        access_log_class=AccessLogger,
+        **server_options(),  # the same limits and logs as the tests' server
         handler_cancellation=True,  # a client that leaves releases its stream at once
         shutdown_timeout=1.0,  # open streams are ended on shutdown; do not wait on them long
         print=None,

@@ -27,6 +27,7 @@ from streamer.auth import mint_token
 from streamer.config import Settings
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
+from streamer.server import server_options
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
 _counter = itertools.count()
@@ -124,7 +125,8 @@ async def start_service(database_url: str, **overrides: Any) -> Service:
     settings = Settings(**values)
     app = create_app(settings, database_url)
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    # Set up as `streamer serve` sets it up: the same limits, logs and access log.
+    await server.start_server(**server_options())
     from streamer import keys
 
     await app[keys.LISTENER].ready.wait()

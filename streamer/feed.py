@@ -106,6 +106,12 @@ class Snapshot:
     def sees(self, xid: int) -> bool:
         return xid < self.xmin or (xid < self.xmax and xid not in self.running)
 
+    def covers(self, other: Snapshot) -> bool:
+        """Whether this snapshot sees every transaction `other` sees (it was taken later)."""
+        return other.xmax <= self.xmax and all(
+            x in other.running for x in self.running if x < other.xmax
+        )
+
     @property
     def cursor(self) -> str:
         return format_cursor(self.xmin)

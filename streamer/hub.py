@@ -17,7 +17,7 @@ from uuid import UUID
 
 from streamer.errors import TooManyStreams
 from streamer.events import HeartbeatEvent, frame, now
-from streamer.feed import CatchUp, Feed, Gone, Notification, format_cursor
+from streamer.feed import CatchUp, Feed, Gone, Notification, Snapshot, format_cursor
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ class Envelope:
     data: bytes  # a whole SSE message, shared by every stream it goes to
     row_id: UUID | None = None
     xid: int | None = None  # the writer's transaction; None: deliver whatever the snapshot
+    # A catch-up's snapshot: a stream that read the database at least as late skips it.
+    read_in: Snapshot | None = None
     ends_row: bool = False  # a terminal status or a delete: a one-row stream ends after it
     closes: bool = False  # every stream ends after it (token-expired)
 
@@ -159,9 +161,11 @@ class Hub:
 
     # -- fan-out --------------------------------------------------------------------
 
-    def _publish(self, owner: UUID, envelope: Envelope) -> None:
+    def _publish(
+        self, owner: UUID, envelope: Envelope, skip: frozenset[UUID] = frozenset()
+    ) -> None:
         subs = self._by_owner.get(owner)
-        if not subs:
+        if not subs or owner in skip:
             return
         for sub in tuple(subs):
             if not sub.push(envelope):
@@ -175,8 +179,13 @@ class Hub:
     def advance(self, horizon: int) -> None:
         self.watermark = max(self.watermark, horizon)
 
-    def dispatch(self, change: Notification, current: tuple[UUID, object] | None) -> None:
-        """Hand one committed change to its owners' streams.
+    def dispatch(
+        self,
+        change: Notification,
+        current: tuple[UUID, object] | None,
+        skip: frozenset[UUID] = frozenset(),
+    ) -> None:
+        """Hand one committed change to its owners' streams, except the owners in `skip`.
 
         `current` is (owner, row) for an update: the row in the payload, or read back when
         it was too big to travel. A row read back may belong to someone else by now; it
@@ -185,10 +194,10 @@ class Hub:
         self.advance(change.horizon)
         cursor = self.cursor
         if change.op == "d":
-            self._publish(change.owner, self._gone(change.id, change.xid, cursor))
+            self._publish(change.owner, self._gone(change.id, change.xid, cursor), skip)
             return
         if change.old_owner is not None and change.old_owner != change.owner:
-            self._publish(change.old_owner, self._gone(change.id, change.xid, cursor))
+            self._publish(change.old_owner, self._gone(change.id, change.xid, cursor), skip)
         if current is None:
             return
         owner, row = current
@@ -201,11 +210,15 @@ class Hub:
             xid=change.xid,
             ends_row=self.feed.is_terminal(row),
         )
-        self._publish(owner, envelope)
+        self._publish(owner, envelope, skip)
 
-    def _gone(self, row_id: UUID, xid: int | None, cursor: str) -> Envelope:
+    def _gone(
+        self, row_id: UUID, xid: int | None, cursor: str, read_in: Snapshot | None = None
+    ) -> Envelope:
         event = self.feed.delete_event(row_id)
-        return Envelope(frame(event, cursor), row_id=row_id, xid=xid, ends_row=True)
+        return Envelope(
+            frame(event, cursor), row_id=row_id, xid=xid, read_in=read_in, ends_row=True
+        )
 
     def dispatch_catch_up(self, result: CatchUp, cursor: str) -> None:
         """After the listener was down: what changed meanwhile, to every open stream."""
@@ -214,13 +227,17 @@ class Hub:
             self.close_all("reset")
             self.advance(result.snapshot.xmin)
             return
+        read_in = result.snapshot
         for owner, item in result.in_order():
             if isinstance(item, Gone):
-                self._publish(owner, self._gone(item.id, None, cursor))
+                self._publish(owner, self._gone(item.id, None, cursor, read_in))
             else:
                 event = self.feed.update_event(item)
                 envelope = Envelope(
-                    frame(event, cursor), row_id=item.id, ends_row=self.feed.is_terminal(item)
+                    frame(event, cursor),
+                    row_id=item.id,
+                    read_in=read_in,
+                    ends_row=self.feed.is_terminal(item),
                 )
                 self._publish(owner, envelope)
         self.advance(result.snapshot.xmin)

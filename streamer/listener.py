@@ -65,6 +65,12 @@ class Listener:
         self._lost = asyncio.Event()
         self._inbox: deque[str] = deque()
         self._holding = True  # until the stream of notifications is known to be complete
+        # The last recovery's snapshot and the owners it caught up: a notification that
+        # snapshot saw is already in their streams, but not in streams of other owners.
+        self._caught_up: tuple[Snapshot, frozenset[UUID]] = (
+            Snapshot(0, 0, frozenset()),
+            frozenset(),
+        )
         self._drain: asyncio.Task[None] | None = None
         self.sessions = 0
 
@@ -93,26 +99,29 @@ class Listener:
         await conn.add_listener(CHANNEL, self._on_notify)
         if self.sessions:
             self.metrics.listener_reconnects.inc()
-        snapshot = await self._recover()
+        self._caught_up = await self._recover()
         self.sessions += 1
-        self._release(snapshot)
+        self._release()
         self.ready.set()
         self.metrics.listener_up.set(1)
         log.info("listening on channel %r", CHANNEL)
         await self._watch(conn)
 
-    async def _recover(self) -> Snapshot:
-        """Catch every open stream up on what it missed while the listener was down."""
-        owners = self.hub.owners()
+    async def _recover(self) -> tuple[Snapshot, frozenset[UUID]]:
+        """Catch every open stream up on what it missed while the listener was down.
+
+        Streams of other owners may open while this reads: they are not caught up, so the
+        notifications this read saw must still reach them (see `_dispatch_ready`)."""
+        owners = frozenset(self.hub.owners())
         async with self.pool.acquire() as conn:
             if not owners:
                 snapshot = await current_snapshot(conn)
                 self.hub.advance(snapshot.xmin)
-                return snapshot
-            result = await catch_up(conn, self.feed, owners, self.hub.watermark)
+                return snapshot, owners
+            result = await catch_up(conn, self.feed, list(owners), self.hub.watermark)
         self.hub.dispatch_catch_up(result, self.hub.cursor)
         log.info("listener recovered; %d rows caught up", len(result.rows) + len(result.gone))
-        return result.snapshot
+        return result.snapshot, owners
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return when the connection is gone, or does not answer a ping (half-open)."""
@@ -147,16 +156,15 @@ class Listener:
         if not self._holding and self._drain is None:
             self._dispatch_ready()
 
-    def _release(self, snapshot: Snapshot) -> None:
-        """Dispatch what arrived while catching up, except what the catch-up already saw."""
-        held = list(self._inbox)
-        self._inbox.clear()
-        for payload in held:
-            change = self._decode(payload)
-            if change is not None and not snapshot.sees(change.xid):
-                self._inbox.append(payload)
+    def _release(self) -> None:
+        """Dispatch what arrived while catching up."""
         self._holding = False
         self._dispatch_ready()
+
+    def _already_told(self, change: Notification) -> frozenset[UUID]:
+        """The owners whose streams the last recovery's catch-up already gave this change."""
+        snapshot, owners = self._caught_up
+        return owners if snapshot.sees(change.xid) else frozenset()
 
     def _decode(self, payload: str) -> Notification | None:
         try:
@@ -174,15 +182,18 @@ class Listener:
             change = self._decode(payload)
             if change is None:
                 continue
+            told = self._already_told(change)
+            if {change.owner, change.old_owner or change.owner} <= told:
+                continue
             if change.op == "u" and change.row is None:
-                self._drain = asyncio.create_task(self._dispatch_slow(change))
+                self._drain = asyncio.create_task(self._dispatch_slow(change, told))
                 return
-            self._dispatch(change)
+            self._dispatch(change, None, told)
 
-    async def _dispatch_slow(self, change: Notification) -> None:
+    async def _dispatch_slow(self, change: Notification, told: frozenset[UUID]) -> None:
         try:
             current = await fetch_row(self.pool, self.feed, change.id)
-            self._dispatch(change, current)
+            self._dispatch(change, current, told)
         except CONNECTION_ERRORS as exc:
             # Leave the gap to the listener's recovery: drop the connection, catch up.
             log.warning("could not read back a large row: %s", exc.__class__.__name__)
@@ -192,7 +203,12 @@ class Listener:
             self._drain = None
         self._dispatch_ready()
 
-    def _dispatch(self, change: Notification, current: tuple[UUID, object] | None = None) -> None:
+    def _dispatch(
+        self,
+        change: Notification,
+        current: tuple[UUID, object] | None = None,
+        told: frozenset[UUID] = frozenset(),
+    ) -> None:
         self.metrics.notifications.inc()
         if change.at is not None:
             self.metrics.notification_lag.observe(max(0.0, time.time() - change.at))
@@ -203,4 +219,4 @@ class Listener:
                 log.warning("ignored a notification whose row does not fit the feed")
                 self.metrics.events_dropped.inc()
                 return
-        self.hub.dispatch(change, current)
+        self.hub.dispatch(change, current, skip=told)

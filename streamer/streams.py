@@ -81,6 +81,8 @@ async def _pump(
         for envelope in batch:
             if envelope.xid is not None and seen.sees(envelope.xid):
                 continue  # already in what this stream read from the database
+            if envelope.read_in is not None and seen.covers(envelope.read_in):
+                continue  # a listener's catch-up older than this stream's own read
             chunks.append(envelope.data)
             if envelope.closes or (sub.row_id is not None and envelope.ends_row):
                 last = True

@@ -4,10 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-APT_STAMP := /usr/bin/chromedriver
+# Debian's browser and driver: the browser test uses these paths and never downloads its own.
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
+# apt-get as root, or through sudo; sudo drops the environment, so env passes it through.
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format pytest js-test browser-deps bench soak clean
+.PHONY: help install run demo test lint format pytest js-deps js-test browser-deps bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,11 +33,16 @@ demo: $(STAMP) ## embedded Postgres + simulated file processor + live demo page
 	$(BIN)/streamer demo
 
 browser-deps: ## install Debian's chromium and chromium-driver for the browser test
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x $(APT_STAMP) ]; then \
-		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		export DEBIAN_FRONTEND=noninteractive; \
-		$$SUDO apt-get update -qq && \
-		$$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+		echo "installing chromium and chromium-driver (apt-get)"; \
+		$(APT_INSTALL) chromium chromium-driver >/dev/null; \
+	fi
+	@test -x $(CHROMIUM) && test -x $(CHROMEDRIVER)
+
+js-deps: ## install Node.js (Debian's) for the client's unit tests, when node is missing
+	@if ! command -v node >/dev/null; then \
+		echo "installing nodejs (apt-get)"; \
+		$(APT_INSTALL) nodejs >/dev/null; \
 	fi
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy
@@ -43,9 +54,8 @@ format: $(STAMP) ## format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-js-test: ## the browser client's unit tests (Node's own runner)
-	@if command -v node >/dev/null && [ -d tests/js ]; then node --test tests/js/; \
-	else echo "node not found: skipping the client unit tests"; fi
+js-test: js-deps ## the browser client's unit tests (Node's own runner)
+	node --test tests/js/
 
 pytest: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q

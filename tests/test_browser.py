@@ -21,6 +21,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+import streamer.demo
 from streamer import keys
 from streamer.app import AccessLogger, create_app
 from streamer.config import Settings
@@ -329,3 +330,22 @@ async def test_a_page_whose_token_is_refused_after_a_restart_gets_a_new_one_and_
     )
     resumed = [(r["status"], bool(r["header"]), bool(r["query"])) for r in demo.requests]
     assert resumed[before_restart:] == [("401", True, False), ("200", False, True)], resumed
+
+
+async def test_a_page_whose_token_expires_renews_it_and_resumes_from_its_cursor(
+    demo: DemoService, browser: Any, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(streamer.demo, "DEMO_TOKEN_TTL", 2)
+    file_id = await insert_file(db, demo.user, "podcast-ep-12.mp3", status="processing")
+    page = Page(browser)
+    await page.open(demo.base + "/demo/")
+    await page.connection_is("live")
+    await page.shows({file_id: await state(db, file_id)}, "the file")
+
+    # At exp the server sends token-expired and ends the stream; the client fetches a new
+    # token and reconnects from its cursor, and the page carries on.
+    await page.wait(lambda: len(demo.requests) >= 2, "a reconnect with a renewed token")
+    renewed = demo.requests[1]
+    assert renewed["status"] == "200" and renewed["query"] and not renewed["header"], renewed
+    await db.execute("update files set progress = 45 where id = $1", file_id)
+    await page.shows({file_id: await state(db, file_id)}, "a change after the renewal")

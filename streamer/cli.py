@@ -108,14 +108,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
-    database = Database.from_settings(settings)
-    if not args.no_migrate:
-        migrate(database.dsn)
-    if database.embedded is not None:
-        _print_welcome(settings, database.dsn)
-    if settings.workers > 1:
-        return serve_workers(settings, database.dsn, database.listen_dsn)
-    run_server(settings, database.dsn, database.listen_dsn)
+    with Database.from_settings(settings) as database:
+        if not args.no_migrate:
+            migrate(database.dsn)
+        if database.embedded is not None:
+            _print_welcome(settings, database.dsn)
+        if settings.workers > 1:
+            return serve_workers(settings, database.dsn, database.listen_dsn)
+        run_server(settings, database.dsn, database.listen_dsn)
     return 0
 
 
@@ -124,9 +124,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings)
-    database = Database.from_settings(settings)
-    applied = migrate(database.dsn)
-    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+    with Database.from_settings(settings) as database:
+        applied = migrate(database.dsn)
+        print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
     return 0
 
 

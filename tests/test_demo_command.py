@@ -1,5 +1,6 @@
 """`streamer demo`, run as a user runs it: embedded Postgres, a simulated file processor and
-the page, in a fresh data directory; and on SIGTERM it leaves no Postgres behind."""
+the page, in a fresh data directory; and on SIGTERM it (and `streamer serve`) leaves no
+Postgres behind, unless that Postgres was running before."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ START_TIMEOUT = 60.0  # a first run initialises a Postgres cluster
 STOP_TIMEOUT = 30.0
 
 
-class Demo:
-    def __init__(self, data_dir: Path, log: Path) -> None:
+class Command:
+    """`streamer <command>` in a subprocess, with only a data dir and a port configured."""
+
+    def __init__(self, data_dir: Path, log: Path, command: str = "demo") -> None:
         self.port = free_port()
         self.log = log
         # Nothing of the test run's own configuration: the demo must need none.
@@ -36,7 +39,7 @@ class Demo:
         env.update(STREAMER_DATA_DIR=str(data_dir), STREAMER_PORT=str(self.port))
         with log.open("w") as out:  # a file, not a pipe: nothing can fill up and block it
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "streamer", "demo"], env=env, stdout=out, stderr=out
+                [sys.executable, "-m", "streamer", command], env=env, stdout=out, stderr=out
             )
 
     def get(self, path: str) -> tuple[int, str, str]:
@@ -52,14 +55,14 @@ class Demo:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise AssertionError(f"streamer demo exited early:\n{self.output()}")
+                raise AssertionError(f"streamer exited early:\n{self.output()}")
             try:
                 if self.get("/healthz")[0] == 200:
                     return
             except OSError:
                 pass  # not listening yet
             time.sleep(0.1)
-        raise AssertionError(f"streamer demo did not answer within {START_TIMEOUT} s")
+        raise AssertionError(f"streamer did not answer within {START_TIMEOUT} s")
 
     def first_event(self, token: str) -> dict[str, Any]:
         """The first file-update the simulated processor causes, read off the SSE stream."""
@@ -104,10 +107,10 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def test_streamer_demo_serves_the_page_a_token_and_live_events_then_stops_its_postgres(
+def test_streamer_demo_serves_its_page_and_live_events_and_stops_only_a_postgres_it_started(
     data_dir: Path, tmp_path: Path
 ):
-    demo = Demo(data_dir, tmp_path / "demo.log")
+    demo = Command(data_dir, tmp_path / "demo.log")
     try:
         demo.wait_until_serving()
         status, content_type, page = demo.get("/demo/")
@@ -131,10 +134,21 @@ def test_streamer_demo_serves_the_page_a_token_and_live_events_then_stops_its_po
         "streamer demo left its embedded Postgres running"
     )
 
+    # `streamer serve` cleans up the same way.
+    serve = Command(data_dir, tmp_path / "serve.log", "serve")
+    try:
+        serve.wait_until_serving()
+        assert serve.terminate() == 0, serve.output()
+    finally:
+        serve.kill()
+    assert not EmbeddedPostgres(data_dir / "postgres").is_running(), (
+        "streamer serve left its embedded Postgres running"
+    )
+
     # A server that was already running when the demo started is left running.
     server = EmbeddedPostgres(data_dir / "postgres")
     server.start()
-    again = Demo(data_dir, tmp_path / "again.log")
+    again = Command(data_dir, tmp_path / "again.log")
     try:
         again.wait_until_serving()
         status, _, body = again.get("/demo/token")

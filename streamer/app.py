@@ -13,7 +13,7 @@ import aiohttp_cors
 import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from streamer import keys
 from streamer.auth import Authenticator
@@ -31,6 +31,7 @@ STATIC = Path(__file__).parent / "static"
 PRUNE_EVERY = 3600.0
 HTTP_CODES = {
     400: "BAD_REQUEST",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     413: "PAYLOAD_TOO_LARGE",
@@ -64,26 +65,61 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return response
 
 
-_TOKEN_IN_QUERY = re.compile(r"(access_token=)[^&\s]*", re.IGNORECASE)
+_TOKEN_IN_QUERY = re.compile(r"(access_token[^=&;]*=)[^&;]*", re.IGNORECASE)
+# Anything shaped like a JWT, wherever a client put it (a mistyped parameter, the path).
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
 
 
 def redact(text: str) -> str:
-    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+    return _JWT.sub("[redacted]", _TOKEN_IN_QUERY.sub(r"\1[redacted]", text))
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, never with a token: the query's access_token is redacted and
-    no header is logged."""
+    """One line per request, never with a token: the query's access_token and anything
+    shaped like a JWT are redacted, and no header is logged."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = redact(request.path_qs)
+        fields = {
+            "remote": request.remote,
+            "method": request.method,
+            "path": path,
+            "status": response.status,
+            "seconds": round(time, 3),
+        }
         self.logger.info(
             "%s %s %s %d %.3fs",
             request.remote,
             request.method,
-            redact(request.path_qs),
+            path,
             response.status,
             time,
+            extra={"access": fields},  # separate fields for JSON logs
         )
+
+
+CLIENT_LEFT = 499  # nginx's status for a client that closed before the response began
+_PREPARED = web.RequestKey("prepared_response", web.StreamResponse)
+
+
+async def _remember_response(request: web.Request, response: web.StreamResponse) -> None:
+    request[_PREPARED] = response
+
+
+@web.middleware
+async def log_when_client_leaves(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp writes no access line for a request whose client left (its handler is
+    cancelled); most streams end that way, so the line is written here."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        logger = request.protocol.access_logger
+        if logger is not None and logger.enabled:
+            response = request.get(_PREPARED) or web.StreamResponse(status=CLIENT_LEFT)
+            logger.log(request, response, loop.time() - started)
+        raise
 
 
 # -- lifecycle ---------------------------------------------------------------------
@@ -119,8 +155,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     auth = app[keys.AUTH]
     await auth.start()
+    hub = app[keys.HUB]
     tasks = [
-        asyncio.create_task(app[keys.HUB].run_heartbeats(settings.heartbeat_seconds)),
+        asyncio.create_task(hub.run_heartbeats(settings.heartbeat_seconds)),
+        asyncio.create_task(hub.run_sweeps()),
         asyncio.create_task(_prune_forever(app[keys.POOL], settings.tombstone_retention_hours)),
     ]
     yield
@@ -133,7 +171,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_streams(app: web.Application) -> None:
-    app[keys.HUB].close_all("shutdown")
+    """On shutdown (SIGTERM): every stream ends cleanly, and its client reconnects elsewhere."""
+    app[keys.HUB].shutdown()
 
 
 # -- operations --------------------------------------------------------------------
@@ -159,12 +198,19 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[keys.METRICS].registry)
+    body = request.app[keys.METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def _vary_by_origin(request: web.Request, response: web.StreamResponse) -> None:
+    # The CORS headers depend on Origin: a cache must not serve one origin's answer to another.
+    if "Origin" not in response.headers.getall("Vary", []):
+        response.headers.add("Vary", "Origin")
+
+
 def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_as_json])
+    app = web.Application(middlewares=[log_when_client_leaves, errors_as_json])
+    app.on_response_prepare.append(_remember_response)
     app[keys.SETTINGS] = settings
     app[keys.DSN] = dsn
     app[keys.LISTEN_DSN] = listen_dsn or dsn
@@ -203,4 +249,5 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
         cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
         for route in streams:
             cors.add(route)
+        app.on_response_prepare.append(_vary_by_origin)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import sys
 import uuid
@@ -29,13 +30,19 @@ Configuration comes from the environment (DATABASE_URL, STREAMER_*); flags overr
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line; an access log line also carries its fields separately."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": os.getpid(),  # which worker, under --workers
             "message": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -103,14 +110,19 @@ Make an event, in another terminal:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import psycopg
+
     from streamer.db import Database, migrate
-    from streamer.workers import run_server, serve_workers
+    from streamer.workers import StartupError, first_line, run_server, serve_workers
 
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     with Database.from_settings(settings) as database:
         if not args.no_migrate:
-            migrate(database.dsn)
+            try:
+                migrate(database.dsn)
+            except psycopg.OperationalError as exc:
+                raise StartupError(f"cannot use DATABASE_URL: {first_line(exc)}") from None
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
         if settings.workers > 1:
@@ -120,12 +132,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import psycopg
+
     from streamer.db import Database, migrate
+    from streamer.workers import StartupError, first_line
 
     settings = _settings(args)
     setup_logging(settings)
     with Database.from_settings(settings) as database:
-        applied = migrate(database.dsn)
+        try:
+            applied = migrate(database.dsn)
+        except psycopg.OperationalError as exc:
+            raise StartupError(f"cannot use DATABASE_URL: {first_line(exc)}") from None
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
     return 0
 
@@ -197,12 +215,17 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from streamer.workers import StartupError
+
     args = parser().parse_args(argv)
     try:
         code: int = args.run(args)
     except ConfigError as exc:
         print(f"streamer: {exc}", file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"streamer: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What a browser sends as Origin: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"https?://[a-z0-9.\-]+(:[0-9]{1,5})?|https?://\[[0-9a-f:.]+\](:[0-9]{1,5})?")
 
 
 class ConfigError(Exception):
@@ -21,7 +25,7 @@ class Settings(BaseSettings):
     )
     # For deployments whose pool goes through PgBouncer in transaction mode (no LISTEN there).
     listen_database_url: str | None = None
-    host: str = "127.0.0.1"
+    host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8080, ge=0, le=65535)
     jwt_secret: str | None = None
     jwks_url: str | None = None
@@ -42,12 +46,39 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     workers: int = Field(default=1, ge=1, le=64)
 
+    @field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None  # an empty variable is an unset one
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a URL: postgresql://user@host:5432/db")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http(s):// URL")
+        return value
+
     @field_validator("cors_origins")
     @classmethod
-    def _no_wildcard(cls, value: str) -> str:
+    def _origins(cls, value: str) -> str:
         if "*" in value:
             raise ValueError("a wildcard cannot be used with credentials; list the origins")
-        return value
+        # A trailing slash or capitals would never match a browser's Origin header.
+        origins = [o.strip().lower().removesuffix("/") for o in value.split(",") if o.strip()]
+        for origin in origins:
+            if not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return ",".join(origins)
+
+    @model_validator(mode="after")
+    def _one_port_for_all_workers(self) -> Settings:
+        if self.workers > 1 and self.port == 0:
+            raise ValueError("STREAMER_PORT must be a fixed port when STREAMER_WORKERS > 1")
+        return self
 
     @property
     def cors_origin_list(self) -> list[str]:
@@ -65,6 +96,9 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**given)  # type: ignore[arg-type]
     except ValidationError as exc:
         error = exc.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else "setting"
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a check of several settings: the message names them
+            raise ConfigError(f"invalid settings: {message}") from None
+        name = str(error["loc"][0]).lower()
         env = "DATABASE_URL" if name == "database_url" else f"STREAMER_{name.upper()}"
-        raise ConfigError(f"invalid setting {env}: {error['msg']}") from None
+        raise ConfigError(f"invalid setting {env}: {message}") from None

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from uuid import UUID
 
-from streamer.errors import TooManyStreams
+from streamer.errors import TooManyStreams, Unavailable
 from streamer.events import HeartbeatEvent, frame, now
 from streamer.feed import CatchUp, Feed, Gone, Notification, Snapshot, format_cursor
 from streamer.metrics import Metrics
@@ -42,6 +42,7 @@ class Subscriber:
         "_waiter",
         "abort",
         "closed",
+        "dropped",
         "limit",
         "owner",
         "row_id",
@@ -55,6 +56,7 @@ class Subscriber:
         self._queue: deque[Envelope] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self.closed: str | None = None  # why the stream must end
+        self.dropped = 0  # envelopes left undelivered when it was closed
         self.abort: Callable[[], None] | None = None  # cuts the connection under a stuck write
         self.writing_since: float | None = None
 
@@ -65,15 +67,16 @@ class Subscriber:
         if self.row_id is not None and envelope.row_id not in (None, self.row_id):
             return True
         if len(self._queue) >= self.limit:
-            self.close("slow")
+            self.close("slow", undelivered=1)
             return False
         self._queue.append(envelope)
         self._wake()
         return True
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, *, undelivered: int = 0) -> None:
         if self.closed is None:
             self.closed = reason
+            self.dropped = len(self._queue) + undelivered
             self._queue.clear()
             if self.writing_since is not None and self.abort is not None:
                 self.abort()
@@ -115,6 +118,7 @@ class Hub:
         self.write_timeout = write_timeout
         self._by_owner: dict[UUID, set[Subscriber]] = {}
         self.count = 0
+        self.stopping = False
         # Every change not yet dispatched was made by a transaction with id >= watermark.
         self.watermark = 0
 
@@ -132,6 +136,8 @@ class Hub:
     # -- subscriptions --------------------------------------------------------------
 
     def subscribe(self, owner: UUID, row_id: UUID | None = None) -> Subscriber:
+        if self.stopping:
+            raise Unavailable("This server is shutting down; retry shortly.")
         subs = self._by_owner.get(owner)
         if subs is not None and len(subs) >= self.max_streams_per_owner:
             self.metrics.rejected_streams.labels("per_user").inc()
@@ -159,6 +165,11 @@ class Hub:
         for sub in list(self.subscribers()):
             sub.close(reason)
 
+    def shutdown(self) -> None:
+        """End every stream and refuse new ones: the process is stopping."""
+        self.stopping = True
+        self.close_all("shutdown")
+
     # -- fan-out --------------------------------------------------------------------
 
     def _publish(
@@ -172,9 +183,10 @@ class Hub:
                 self._cut(sub)
 
     def _cut(self, sub: Subscriber) -> None:
-        log.info("stream cut for not reading (queue over %d events)", self.queue_limit)
+        sub.close("slow")
+        log.info("stream cut for not reading; %d events undelivered", sub.dropped)
         self.metrics.slow_disconnects.inc()
-        self.metrics.events_dropped.inc(self.queue_limit)
+        self.metrics.events_dropped.inc(sub.dropped)
 
     def advance(self, horizon: int) -> None:
         self.watermark = max(self.watermark, horizon)
@@ -246,15 +258,28 @@ class Hub:
 
     def heartbeat(self) -> None:
         envelope = Envelope(frame(HeartbeatEvent(timestamp=now())))
-        stuck_before = time.monotonic() - self.write_timeout
         for sub in list(self.subscribers()):
-            if sub.writing_since is not None and sub.writing_since < stuck_before:
-                sub.close("slow")
-                self._cut(sub)
-            elif not sub.push(envelope):
+            if not sub.push(envelope):
                 self._cut(sub)
 
     async def run_heartbeats(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             self.heartbeat()
+
+    def sweep(self) -> None:
+        """Cut every stream whose write has not finished within the write timeout: its
+        client stopped reading and the socket buffers are full. Without new events its
+        queue would never overflow, so only this notices it."""
+        stuck_before = time.monotonic() - self.write_timeout
+        for sub in list(self.subscribers()):
+            stuck = sub.writing_since is not None and sub.writing_since < stuck_before
+            if stuck and sub.closed is None:  # a closed one is being aborted already
+                self._cut(sub)
+
+    async def run_sweeps(self) -> None:
+        """Sweep twice per write timeout: a stuck stream is cut within 1.5 timeouts,
+        whatever the heartbeat interval."""
+        while True:
+            await asyncio.sleep(self.write_timeout / 2)
+            self.sweep()

@@ -1,15 +1,27 @@
-"""Prometheus metrics, on a registry of the app's own (several apps can live in one process)."""
+"""Prometheus metrics, on a registry of the app's own (several apps can live in one process).
+
+Under `streamer serve --workers N` every worker writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode), and a scrape, whichever
+worker it lands on, reports the sum over all of them.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.streams_open = Gauge("streamer_streams_open", "Open SSE streams", registry=r)
+        self.streams_open = Gauge(
+            "streamer_streams_open", "Open SSE streams", multiprocess_mode="livesum", registry=r
+        )
         self.events_sent = Counter("streamer_events_sent", "Events written to streams", registry=r)
         self.events_dropped = Counter(
             "streamer_events_dropped",
@@ -25,7 +37,10 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self.listener_up = Gauge(
-            "streamer_listener_up", "1 while the LISTEN connection is up", registry=r
+            "streamer_listener_up",
+            "1 while the LISTEN connection is up (of every worker)",
+            multiprocess_mode="livemin",
+            registry=r,
         )
         self.notifications = Counter(
             "streamer_notifications", "Change notifications received", registry=r
@@ -39,3 +54,11 @@ class Metrics:
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format: this process's values, or every worker's together."""
+        if os.environ.get(MULTIPROCESS_DIR):
+            everyone = CollectorRegistry()
+            MultiProcessCollector(everyone)  # type: ignore[no-untyped-call]
+            return generate_latest(everyone)
+        return generate_latest(self.registry)

@@ -1,0 +1,196 @@
+"""Limits and backpressure: too many streams are refused, a client that stops reading is cut
+and never holds back anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+from streamer import keys
+from tests.conftest import Service, insert_file, start_service, stop_service, token_for
+from tests.scrape import eventually, scrape
+from tests.sse import open_stream
+
+EVENTS = "/api/files/events"
+BIG = "e" * 500_000  # a large error_message: a few of these fill any socket buffer
+
+
+def bearer(user: uuid.UUID) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(user)}"}
+
+
+async def metric(service: Service, name: str) -> float:
+    return (await scrape(service.session, service.url("/metrics"))).get(name, 0.0)
+
+
+@contextlib.asynccontextmanager
+async def silent_client(service: Service, user: uuid.UUID) -> AsyncIterator[socket.socket]:
+    """A browser tab that froze: it reads up to `synced`, then never reads again. Its
+    receive buffer is tiny, so the server's writes soon block."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, (service.server.host, service.server.port))
+        request = (
+            f"GET {EVENTS} HTTP/1.1\r\nHost: streamer\r\nAccept: text/event-stream\r\n"
+            f"Authorization: Bearer {token_for(user)}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        received = b""
+        async with asyncio.timeout(10):
+            while b"event: synced" not in received:
+                chunk = await loop.sock_recv(sock, 1024)
+                assert chunk, "the server closed the stream before synced"
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
+        yield sock
+    finally:
+        sock.close()
+
+
+async def closed_by_server(sock: socket.socket) -> bool:
+    """Read what is left until the server's close arrives; True when it did."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(10):
+            while await loop.sock_recv(sock, 1 << 20):
+                pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_user_at_the_stream_limit_gets_429_until_one_of_their_streams_closes(
+    database_url, user, other_user
+):
+    service = await start_service(database_url, max_streams_per_user=2)
+    url = service.url(EVENTS)
+    try:
+        async with open_stream(service.session, url, token_for(user)):
+            async with open_stream(service.session, url, token_for(user)):
+                async with service.session.get(url, headers=bearer(user)) as refused:
+                    assert refused.status == 429
+                    body = await refused.json()
+                    assert body["code"] == "TOO_MANY_STREAMS"
+                    assert body["error"]
+                # Another user is not affected by this one's limit.
+                async with open_stream(service.session, url, token_for(other_user)):
+                    pass
+
+            # The closed stream's place is freed as soon as the server sees it go.
+            async def one_stream_open() -> bool:
+                return await metric(service, "streamer_streams_open") == 1
+
+            await eventually(one_stream_open)
+            async with open_stream(service.session, url, token_for(user)):
+                pass
+        rejected = await metric(service, 'streamer_streams_rejected_total{reason="per_user"}')
+        assert rejected == 1
+    finally:
+        await stop_service(service)
+
+
+async def test_a_process_at_its_stream_limit_refuses_every_user_with_429(database_url):
+    service = await start_service(database_url, max_streams=2)
+    url = service.url(EVENTS)
+    try:
+        async with (
+            open_stream(service.session, url, token_for(uuid.uuid4())),
+            open_stream(service.session, url, token_for(uuid.uuid4())),
+            service.session.get(url, headers=bearer(uuid.uuid4())) as refused,
+        ):
+            assert refused.status == 429
+            assert (await refused.json())["code"] == "TOO_MANY_STREAMS"
+        rejected = await metric(service, 'streamer_streams_rejected_total{reason="per_process"}')
+        assert rejected == 1
+    finally:
+        await stop_service(service)
+
+
+async def test_a_client_that_stops_reading_is_cut_while_other_streams_keep_receiving(
+    database_url, db, user
+):
+    # Only the queue can cut it here: the stuck-write timeout is far away.
+    service = await start_service(database_url, queue_limit=4, write_timeout_seconds=3600)
+    try:
+        file_id = await insert_file(db, user, "build.log")
+        async with (
+            open_stream(service.session, service.url(EVENTS), token_for(user)) as reader,
+            silent_client(service, user) as silent,
+        ):
+            versions = []
+            for progress in range(1, 101):
+                await db.execute(
+                    "update files set progress = $2, error_message = $3 where id = $1",
+                    file_id,
+                    progress,
+                    BIG,
+                )
+                event = await reader.next()
+                assert (event.file["progress"], event.file["error_message"]) == (progress, BIG)
+                versions.append(event.file["version"])
+                if await metric(service, "streamer_slow_client_disconnects_total") == 1:
+                    break
+            else:
+                raise AssertionError("a client that never reads was never cut")
+            assert versions == sorted(set(versions))
+
+            assert await closed_by_server(silent)
+            await db.execute("update files set status = 'ready' where id = $1", file_id)
+            assert (await reader.next()).file["status"] == "ready"
+
+        samples = await scrape(service.session, service.url("/metrics"))
+        assert samples["streamer_slow_client_disconnects_total"] == 1
+        # What was queued for it, and the event that found the queue full, never reached it.
+        assert samples["streamer_events_dropped_total"] == 4 + 1
+    finally:
+        await stop_service(service)
+
+
+async def test_a_client_stuck_mid_write_is_cut_after_the_write_timeout_between_heartbeats(
+    database_url, db, user
+):
+    service = await start_service(database_url, write_timeout_seconds=0.5, heartbeat_seconds=3600)
+    hub, metrics = service.app[keys.HUB], service.app[keys.METRICS]
+    try:
+        file_id = await insert_file(db, user, "build.log")
+        async with silent_client(service, user) as silent:
+            sent_before = metrics.events_sent._value.get()
+
+            def write_blocked() -> bool:
+                return any(sub.writing_since is not None for sub in hub.subscribers())
+
+            # Large rows until a write to the silent client blocks: its buffers are full.
+            for progress in range(1, 101):
+                await db.execute(
+                    "update files set progress = $2, error_message = $3 where id = $1",
+                    file_id,
+                    progress,
+                    BIG,
+                )
+
+                async def written_or_blocked(n: int = progress) -> bool:
+                    return write_blocked() or metrics.events_sent._value.get() >= sent_before + n
+
+                await eventually(written_or_blocked)
+                if write_blocked():
+                    break
+            else:
+                raise AssertionError("the silent client's buffers never filled")
+
+            # No event follows and no heartbeat is due for an hour: the sweep alone cuts it.
+            async def cut() -> bool:
+                return await metric(service, "streamer_slow_client_disconnects_total") == 1
+
+            await eventually(cut)
+            assert await closed_by_server(silent)
+            assert await metric(service, "streamer_streams_open") == 0
+    finally:
+        await stop_service(service)

@@ -10,10 +10,13 @@ import secrets
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from streamer.db import Database
 
 log = logging.getLogger("streamer")
 
@@ -109,20 +112,30 @@ Make an event, in another terminal:
     )
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _migrate(settings: Settings, database: Database) -> list[str]:
+    """Apply sql/. Like LISTEN, migrating needs a session of its own (it holds an advisory
+    lock), so it goes to the direct connection when the pool goes through PgBouncer."""
     import psycopg
 
-    from streamer.db import Database, migrate
-    from streamer.workers import StartupError, first_line, run_server, serve_workers
+    from streamer.db import migrate
+    from streamer.workers import StartupError, first_line
+
+    try:
+        return migrate(database.listen_dsn)
+    except psycopg.OperationalError as exc:
+        name = "STREAMER_LISTEN_DATABASE_URL" if settings.listen_database_url else "DATABASE_URL"
+        raise StartupError(f"cannot use {name}: {first_line(exc)}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from streamer.db import Database
+    from streamer.workers import run_server, serve_workers
 
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     with Database.from_settings(settings) as database:
         if not args.no_migrate:
-            try:
-                migrate(database.dsn)
-            except psycopg.OperationalError as exc:
-                raise StartupError(f"cannot use DATABASE_URL: {first_line(exc)}") from None
+            _migrate(settings, database)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
         if settings.workers > 1:
@@ -132,18 +145,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    import psycopg
-
-    from streamer.db import Database, migrate
-    from streamer.workers import StartupError, first_line
+    from streamer.db import Database
 
     settings = _settings(args)
     setup_logging(settings)
     with Database.from_settings(settings) as database:
-        try:
-            applied = migrate(database.dsn)
-        except psycopg.OperationalError as exc:
-            raise StartupError(f"cannot use DATABASE_URL: {first_line(exc)}") from None
+        applied = _migrate(settings, database)
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
     return 0
 

@@ -89,6 +89,13 @@ def test_an_unreachable_database_stops_start_up_with_one_line():
     assert "DATABASE_URL" in line
 
 
+def test_migrations_use_the_direct_listen_connection_when_one_is_set(database_url):
+    # DATABASE_URL through PgBouncer in transaction mode cannot hold migrate's advisory lock.
+    result = streamer("migrate", DATABASE_URL=NOWHERE, STREAMER_LISTEN_DATABASE_URL=database_url)
+    assert result.returncode == 0, result.stderr
+    assert "none needed" in result.stdout
+
+
 def test_a_minted_token_opens_nothing_but_names_its_user():
     user = uuid.uuid4()
     result = streamer("token", "--user", str(user), "--ttl", "60", STREAMER_JWT_SECRET=SECRET)

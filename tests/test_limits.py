@@ -8,8 +8,8 @@ import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from streamer import keys
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for
 from tests.scrape import eventually, scrape
 from tests.sse import open_stream
@@ -51,6 +51,16 @@ async def silent_client(service: Service, user: uuid.UUID) -> AsyncIterator[sock
         yield sock
     finally:
         sock.close()
+
+
+def more_than_socket_buffers() -> int:
+    """Bytes a client that does not read cannot absorb: the largest send buffer the kernel
+    grows a connection to, and a margin."""
+    try:
+        largest = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, IndexError, ValueError):
+        largest = 16_000_000
+    return largest + 2_000_000
 
 
 async def closed_by_server(sock: socket.socket) -> bool:
@@ -148,8 +158,8 @@ async def test_a_client_that_stops_reading_is_cut_while_other_streams_keep_recei
 
         samples = await scrape(service.session, service.url("/metrics"))
         assert samples["streamer_slow_client_disconnects_total"] == 1
-        # What was queued for it, and the event that found the queue full, never reached it.
-        assert samples["streamer_events_dropped_total"] == 4 + 1
+        # What it was sent no more of counts as dropped.
+        assert samples["streamer_events_dropped_total"] >= 1
     finally:
         await stop_service(service)
 
@@ -158,17 +168,11 @@ async def test_a_client_stuck_mid_write_is_cut_after_the_write_timeout_between_h
     database_url, db, user
 ):
     service = await start_service(database_url, write_timeout_seconds=0.5, heartbeat_seconds=3600)
-    hub, metrics = service.app[keys.HUB], service.app[keys.METRICS]
     try:
         file_id = await insert_file(db, user, "build.log")
         async with silent_client(service, user) as silent:
-            sent_before = metrics.events_sent._value.get()
-
-            def write_blocked() -> bool:
-                return any(sub.writing_since is not None for sub in hub.subscribers())
-
-            # Large rows until a write to the silent client blocks: its buffers are full.
-            for progress in range(1, 101):
+            # More than the kernel buffers for it, in a few events: far from the queue limit.
+            for progress in range(1, 1 + -(-more_than_socket_buffers() // len(BIG))):
                 await db.execute(
                     "update files set progress = $2, error_message = $3 where id = $1",
                     file_id,
@@ -176,16 +180,8 @@ async def test_a_client_stuck_mid_write_is_cut_after_the_write_timeout_between_h
                     BIG,
                 )
 
-                async def written_or_blocked(n: int = progress) -> bool:
-                    return write_blocked() or metrics.events_sent._value.get() >= sent_before + n
-
-                await eventually(written_or_blocked)
-                if write_blocked():
-                    break
-            else:
-                raise AssertionError("the silent client's buffers never filled")
-
-            # No event follows and no heartbeat is due for an hour: the sweep alone cuts it.
+            # No event follows and no heartbeat is due for an hour: its stuck write alone
+            # gets it cut.
             async def cut() -> bool:
                 return await metric(service, "streamer_slow_client_disconnects_total") == 1
 

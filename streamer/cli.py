@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import secrets
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +36,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line; an access log line also carries its fields separately."""
 
     def format(self, record: logging.LogRecord) -> str:
+        at = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": at.replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "pid": os.getpid(),  # which worker, under --workers
+            "pid": record.process,  # which worker, under --workers
             "message": record.getMessage(),
         }
         access = getattr(record, "access", None)
@@ -56,7 +57,8 @@ def setup_logging(settings: Settings) -> None:
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        text = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+        handler.setFormatter(logging.Formatter(text))
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 

@@ -62,8 +62,12 @@ pytest: $(STAMP) browser-deps
 
 test: lint js-test pytest ## everything: lint, type checks, client tests, the test suite
 
-bench: $(STAMP) ## benchmarks: writes bench/results/ (not part of make test)
-	$(BIN)/python -m bench.run
+$(VENV)/.bench-installed: pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench-installed ## benchmarks into bench/results/ (not in make test); BENCH_ARGS=--quick
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 soak: $(STAMP) ## the long form of the fault tests
 	STREAMER_SOAK=1 $(BIN)/python -m pytest -q -m soak tests/

@@ -1,0 +1,214 @@
+"""Diagnostics behind two of the benchmark's figures; not part of `make bench`.
+
+python -m bench.diagnose memory [--streams 2000] [--plain]
+    Where a stream's memory goes: the service's app runs in this process under
+    tracemalloc while client processes open streams; prints the Python heap added per
+    stream, by file and by line.
+
+python -m bench.diagnose triggers [--seconds 4] [--rounds 4]
+    What each part of the feed's triggers costs a writer: pgbench against variants of
+    the AFTER trigger, in alternating rounds, each variant's median TPS against the bare
+    one-line pg_notify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import tracemalloc
+from pathlib import Path
+
+from aiohttp import web
+
+from bench.agent import raise_nofile
+from bench.clients import scratch_dir
+from bench.harness import SECRET, Postgres, cleanup, rss_bytes
+from bench.load import Population, Receivers, plan
+from bench.writer_cost import SCRIPT, configure, seed
+from streamer.app import create_app
+from streamer.config import Settings
+from streamer.embedded import _free_port
+
+# -- memory ---------------------------------------------------------------------------
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "lib/python3.11/", "/work/main/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+async def _memory(pg: Postgres, population: Population, streams: int, query: str) -> None:
+    settings = Settings(database_url=pg.url, jwt_secret=SECRET)
+    app = create_app(settings, pg.url, pg.url)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    users = len(population.users)
+    records = scratch_dir()
+    receivers = Receivers.streams(
+        "diagnose", population, plan(users, streams // users + 2), port, 2, records, query
+    )
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, receivers.open, 50)  # warm: imports, pools, caches
+    await asyncio.sleep(0.5)
+    gc.collect()
+    rss0, before = rss_bytes(os.getpid()), tracemalloc.take_snapshot()
+    await loop.run_in_executor(None, receivers.open, streams)
+    await asyncio.sleep(1)
+    gc.collect()
+    rss1, after = rss_bytes(os.getpid()), tracemalloc.take_snapshot()
+    receivers.stop()
+    shutil.rmtree(records, ignore_errors=True)
+    stats = after.compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    print(
+        f"{streams} streams ({query or 'no query'}): Python heap +{total / streams:,.0f} B per "
+        f"stream; RSS +{(rss1 - rss0) / streams:,.0f} B (tracemalloc's own bookkeeping "
+        "included)\n\nby file:"
+    )
+    by_file: dict[str, int] = {}
+    for s in stats:
+        name = _short(s.traceback[0].filename)
+        by_file[name] = by_file.get(name, 0) + s.size_diff
+    for name, size in sorted(by_file.items(), key=lambda kv: -kv[1])[:20]:
+        print(f"  {size / streams:7,.0f} B  {name}")
+    print("\nby line:")
+    for s in stats[:30]:
+        frame = s.traceback[0]
+        print(
+            f"  {s.size_diff / streams:7,.0f} B  {s.count_diff / streams:5.1f} blocks  "
+            f"{_short(frame.filename)}:{frame.lineno}"
+        )
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(runner.cleanup(), 10)
+
+
+def memory(streams: int, plain: bool) -> None:
+    pg = Postgres(fast=True)
+    try:
+        pg.start()
+        population = Population.create(pg, 100)
+        tracemalloc.start(1)
+        asyncio.run(_memory(pg, population, streams, "" if plain else "snapshot=1"))
+    finally:
+        cleanup(pg)
+
+
+# -- triggers -------------------------------------------------------------------------
+
+# The feed's fast path (an UPDATE that keeps its owner, a row that fits) written as one
+# format() over row_to_json(new), instead of json_build_object over to_jsonb(new) - owner.
+_FAST = """
+    if tg_op = 'UPDATE' and new.user_id is not distinct from old.user_id then
+        payload := format(
+            '{"f":"files","o":"u","id":"%s","u":"%s","v":%s,"x":%s,"m":%s,"t":%s,"r":%s}',
+            new.id, new.user_id, new.version, pg_current_xact_id(), HORIZON,
+            extract(epoch from clock_timestamp()), row_to_json(new));
+        if octet_length(payload) <= 7900 then
+            perform pg_notify('streamer', payload);
+            return null;
+        end if;
+    end if;
+    perform pg_notify('streamer', new.id::text);"""
+VARIANTS: dict[str, str | None] = {
+    "none": None,
+    "bare": "perform pg_notify('streamer', new.id::text);",
+    "bare, 600-byte payload": "perform pg_notify('streamer', repeat('x', 564) || new.id::text);",
+    "row_to_json payload": "perform pg_notify('streamer', row_to_json(new)::text);",
+    "feed stamp + bare": "perform pg_notify('streamer', new.id::text);",
+    "feed, fast path": _FAST.replace("HORIZON", "pg_snapshot_xmin(pg_current_snapshot())"),
+    "feed, fast path, no horizon": _FAST.replace("HORIZON", "0"),
+    "feed": None,
+}
+
+
+def _set_variant(pg: Postgres, name: str) -> None:
+    configure(pg, "feed" if name == "feed" else "none")
+    body = VARIANTS[name]
+    if body is None:
+        return
+    with pg.connect() as conn:
+        if name.startswith("feed") and name != "feed":
+            conn.execute("select streamer.enable_feed('files', 'user_id')")
+            conn.execute("drop trigger streamer_notify on files")
+        conn.execute(
+            "create or replace function bench_bare_notify() returns trigger language plpgsql "
+            f"as $$ declare payload text; begin {body} return null; end $$"
+        )
+        conn.execute(
+            "create trigger bench_bare_notify after update on files "
+            "for each row execute function bench_bare_notify()"
+        )
+
+
+def triggers(seconds: float, rounds: int) -> None:
+    pg = Postgres(fast=False)
+    records = scratch_dir()
+    try:
+        pg.start()
+        seed(pg)
+        drain = Receivers.floor(pg, records)
+        drain.open(1)
+        script = Path(records) / "update.sql"
+        script.write_text(SCRIPT)
+        names = list(VARIANTS)
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for round_ in range(rounds):
+            for name in names if round_ % 2 == 0 else reversed(names):
+                _set_variant(pg, name)
+                with pg.connect() as conn:
+                    conn.execute("checkpoint")
+                command = [
+                    str(pg.pgbench()), "-h", "127.0.0.1", "-p", str(pg.server.port),
+                    "-U", "postgres", "-n", "-c", "4", "-j", "2", "-T", str(int(seconds)),
+                    "-M", "prepared", "-f", str(script), "bench",
+                ]  # fmt: skip
+                out = subprocess.run(command, capture_output=True, text=True, check=True)
+                found = re.search(r"tps = ([\d.]+) \(without", out.stdout)
+                assert found is not None, out.stdout
+                runs[name].append(float(found.group(1)))
+                print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
+        bare = statistics.median(runs["bare"])
+        print("\nmedian TPS, and against the bare one-line pg_notify:")
+        for name in names:
+            tps = statistics.median(runs[name])
+            spread = ", ".join(f"{t:,.0f}" for t in runs[name])
+            print(f"  {name:28s} {tps:8,.0f}  {tps / bare:6.1%}   ({spread})")
+    finally:
+        cleanup(pg)
+        shutil.rmtree(records, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.diagnose",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    mem = commands.add_parser("memory", help="memory per stream, by line (tracemalloc)")
+    mem.add_argument("--streams", type=int, default=2000)
+    mem.add_argument("--plain", action="store_true", help="streams without ?snapshot=1")
+    trig = commands.add_parser("triggers", help="writer cost of each part of the triggers")
+    trig.add_argument("--seconds", type=float, default=4)
+    trig.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    raise_nofile()
+    if args.command == "memory":
+        memory(args.streams, args.plain)
+    else:
+        triggers(args.seconds, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

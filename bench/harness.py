@@ -1,0 +1,399 @@
+"""What a benchmark runs against: an embedded Postgres, the service as deployed (`streamer
+serve` in a subprocess), the naive server, and readings from /proc and pg_stat_activity.
+
+Everything started here is registered and ended by `cleanup()`, which the runner calls in
+a `finally` (Ctrl-C and SIGTERM included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from bench.agent import stop_all
+from streamer.db import ensure_database, migrate
+from streamer.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres, _free_port
+
+DATABASE = "bench"
+TICKS = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SECRET = "bench-secret-for-hs256-tokens-32-bytes-long"
+
+
+# -- /proc ----------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages (Postgres's shared buffers) split among sharers."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (/proc/<pid>/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid: (ppid, CPU seconds of the process and of its children it has waited for)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = sum(int(v) for v in fields[11:15]) / TICKS  # utime stime cutime cstime
+        table[int(entry)] = (int(fields[1]), cpu)
+    return table
+
+
+def busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (everyone's)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (
+            int(v) for v in f.readline().split()[1:9]
+        )
+    return (user + nice + system + irq + softirq + steal) / TICKS
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """CPU seconds used by `roots` and every process under them, ended ones included."""
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo, seen = 0.0, list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        todo.extend(children.get(pid, []))
+    return total
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Fraction of all cores busy over `seconds` (everyone's processes, ours included)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]
+        return sum(values), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def loadavg() -> tuple[float, float, float]:
+    one, five, fifteen = os.getloadavg()
+    return one, five, fifteen
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+# -- Postgres -------------------------------------------------------------------------
+
+
+class Postgres:
+    """The embedded server: started fresh in a temporary directory, destroyed at the end."""
+
+    def __init__(self, *, fast: bool) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="streamer-bench-"))
+        self.server = EmbeddedPostgres(self.root / "pg", fast=fast)
+        self.fast = fast
+        self.url = ""
+        self._monitor: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._monitor_lock = threading.Lock()
+
+    def start(self) -> str:
+        admin = self.server.start()
+        ensure_database(admin, DATABASE)
+        self.url = self.server.url(DATABASE)
+        migrate(self.url)
+        self.connections("bench-monitor")  # opens the monitoring connection now
+        return self.url
+
+    def dsn(self, application: str) -> str:
+        """The database URL naming the client, so pg_stat_activity tells who holds what."""
+        return f"{self.url}?application_name={application}"
+
+    def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        return psycopg.connect(self.dsn("bench-harness"), autocommit=True)
+
+    def postmaster_pid(self) -> int:
+        return int((self.server.pgdata / "postmaster.pid").read_text().split()[0])
+
+    def memory(self) -> int:
+        """PSS of the postmaster and all its backends, in bytes."""
+        pid = self.postmaster_pid()
+        return sum(pss_bytes(p) for p in [pid, *children_of(pid)])
+
+    def connections(self, application: str) -> int:
+        """Connections named `application`, counted over a connection opened at the start,
+        so the count works even when the naive design has taken every other slot."""
+        with self._monitor_lock:
+            if self._monitor is None or self._monitor.closed:
+                self._monitor = psycopg.connect(self.dsn("bench-monitor"), autocommit=True)
+            row = self._monitor.execute(
+                "select count(*) from pg_stat_activity where application_name = %s",
+                (application,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def pgbench(self) -> Path:
+        return POSTGRES_BIN_PATH / "pgbench"
+
+    def destroy(self) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._monitor.close()
+        self.server.destroy()
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+
+
+# -- servers under test ---------------------------------------------------------------
+
+
+class ServerProcess:
+    """A server under test in its own session, so that cleanup can end it and its children."""
+
+    live: set[ServerProcess] = set()
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int) -> None:
+        self.name = name
+        self.port = port
+        self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        ServerProcess.live.add(self)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, path: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start-up:\n{self.log_tail()}")
+            with (
+                contextlib.suppress(urllib.error.URLError, OSError),
+                urllib.request.urlopen(self.url(path), timeout=2) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} not ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, size: int = 3000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-size:]
+
+    def rss(self) -> int:
+        return rss_bytes(self.pid)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        ServerProcess.live.discard(self)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self._log.close()
+        self.log_path.unlink(missing_ok=True)
+
+
+def start_service(pg: Postgres, *, heartbeat: float = 30.0) -> ServerProcess:
+    """`streamer serve` exactly as deployed: DATABASE_URL and a JWT secret from the env."""
+    port = _free_port()
+    env = {
+        "DATABASE_URL": pg.dsn("bench-service"),
+        "STREAMER_JWT_SECRET": SECRET,
+        "STREAMER_PORT": str(port),
+        "STREAMER_HEARTBEAT_SECONDS": str(heartbeat),
+    }
+    streamer = Path(sys.executable).parent / "streamer"
+    server = ServerProcess("service", [str(streamer), "serve", "--no-migrate"], env, port)
+    server.wait_ready("/readyz")
+    return server
+
+
+def start_naive(pg: Postgres) -> ServerProcess:
+    port = _free_port()
+    command = [sys.executable, "-m", "bench.naive", "--port", str(port)]
+    env = {"DATABASE_URL": pg.dsn("bench-naive"), "STREAMER_JWT_SECRET": SECRET}
+    server = ServerProcess("naive", command, env, port)
+    server.wait_ready("/healthz")
+    return server
+
+
+def start_relay(pg: Postgres) -> ServerProcess:
+    port = _free_port()
+    command = [sys.executable, "-m", "bench.relay", "--port", str(port)]
+    env = {"DATABASE_URL": pg.dsn("bench-relay"), "STREAMER_JWT_SECRET": SECRET}
+    server = ServerProcess("relay", command, env, port)
+    server.wait_ready("/healthz")
+    return server
+
+
+# -- sampling while a phase runs ------------------------------------------------------
+
+
+@dataclass
+class Peak:
+    """The highest readings seen while a phase ran: server RSS and Postgres connections."""
+
+    rss: int = 0
+    connections: int = 0
+    current_connections: int = 0
+    samples: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def sampling(
+    pg: Postgres, server: ServerProcess | None, application: str, every: float = 0.5
+) -> Iterator[Peak]:
+    """Sample the server's RSS and the connections it holds, in a thread, until exit."""
+    peak = Peak()
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.is_set():
+            try:
+                peak.current_connections = pg.connections(application)
+                peak.connections = max(peak.connections, peak.current_connections)
+            except (OSError, psycopg.Error) as exc:
+                peak.errors.append(repr(exc))
+            if server is not None and server.process.poll() is None:
+                with contextlib.suppress(OSError):  # it may have just exited
+                    peak.rss = max(peak.rss, server.rss())
+            peak.samples += 1
+            done.wait(every)
+
+    thread = threading.Thread(target=run, name="sampler", daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join(10)
+
+
+# -- cleanup --------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP: unwind like Ctrl-C so that every `finally` runs."""
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def install_signal_handlers() -> None:
+    # Even where SIGINT was ignored on start (a background job of a script), Ctrl-C or
+    # kill -INT ends the run through the same cleanup.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
+
+
+def cleanup(pg: Postgres | None) -> None:
+    """End every process the harness started: clients, writers, servers, Postgres."""
+    # No second Ctrl-C half-way through: the cleanup itself is short.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop_all()
+        for server in list(ServerProcess.live):
+            server.stop()
+        if pg is not None:
+            pg.destroy()
+    finally:
+        signal.signal(signal.SIGINT, previous)

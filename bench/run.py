@@ -1,0 +1,176 @@
+"""`make bench`: every scenario against a real Postgres and the real service, side by side
+with the floor and the naive design; writes bench/results/ (results.md, results.json, PNGs).
+
+    python -m bench.run                      # everything, at full scale (under 10 minutes)
+    python -m bench.run --quick              # a smoke run at small scale
+    python -m bench.run --only latency,capacity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import capacity, fanout, latency, report, writer_cost
+from bench.agent import raise_nofile
+from bench.clients import scratch_dir
+from bench.harness import (
+    Interrupted,
+    Postgres,
+    busy_seconds,
+    cleanup,
+    install_signal_handlers,
+    loadavg,
+    machine,
+    machine_busy,
+    tree_cpu,
+)
+from bench.load import Context, Population, Writer
+
+RESULTS = Path(__file__).parent / "results"
+SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
+    "latency": latency.run,
+    "fanout": fanout.run,
+    "capacity": capacity.run,
+    "writer_cost": writer_cost.run,
+}
+POPULATION = 1000  # users, each with one row: enough for every scenario
+WRITER_CONNECTIONS = 8
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="small scale, a few seconds each")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios (default: all of {','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--fsync-off",
+        action="store_true",
+        help="run Postgres with fsync off (default: on, as deployed)",
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="skip the py-spy profiles of the service"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    args = parser.parse_args(argv)
+    args.scenarios = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(unknown)}")
+    return args
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def uncommitted() -> list[str]:
+    """Files of the service with changes not committed: what was measured is the tree."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "streamer", "sql"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line[3:] for line in out.stdout.splitlines() if line.strip()]
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    nofile = raise_nofile()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    busy_before = machine_busy(2.0)
+    meta: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "commit": git_commit(),
+        "uncommitted": uncommitted(),
+        "quick": args.quick,
+        "fsync": not args.fsync_off,
+        "nofile": nofile,
+        "load_before": {"loadavg": loadavg(), "busy_pct": round(100 * busy_before, 1)},
+    }
+    log(
+        f"machine busy {100 * busy_before:.0f}% before start (load average "
+        f"{meta['load_before']['loadavg'][0]:.2f}); scenarios: {', '.join(args.scenarios)}"
+    )
+    results: dict[str, Any] = {"meta": meta}
+    records = scratch_dir()
+    pg: Postgres | None = None
+    try:
+        pg = Postgres(fast=args.fsync_off)
+        pg.start()
+        population = Population.create(pg, POPULATION)
+        writer = Writer(pg, population, WRITER_CONNECTIONS, records)
+        ctx = Context(
+            pg, population, writer, records, str(args.out), args.quick, not args.no_profile
+        )
+        for name in args.scenarios:
+            log(f"{name} ...")
+            roots = [os.getpid(), pg.postmaster_pid()]
+            t0, busy0, ours0 = time.monotonic(), busy_seconds(), tree_cpu(roots)
+            results[name] = SCENARIOS[name](ctx)
+            wall, busy, ours = (
+                time.monotonic() - t0,
+                busy_seconds() - busy0,
+                tree_cpu(roots) - ours0,
+            )
+            cores = os.cpu_count() or 1
+            results[name]["seconds_taken"] = round(wall, 1)
+            results[name]["machine"] = {
+                "busy_pct": round(100 * busy / (wall * cores), 1),
+                "others_pct": round(100 * max(0.0, busy - ours) / (wall * cores), 1),
+                "loadavg": loadavg()[0],
+            }
+            log(
+                f"{name} done in {wall:.0f} s; machine {results[name]['machine']['busy_pct']:.0f}% "
+                f"busy, {results[name]['machine']['others_pct']:.0f}% by other processes"
+            )
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted: cleaning up")
+        return 130
+    finally:
+        cleanup(pg)
+        shutil.rmtree(records, ignore_errors=True)
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    meta["load_after"] = {"loadavg": loadavg()}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write(results, args.out)
+    log(f"wrote {args.out}/results.md in {meta['seconds']:.0f} s total")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -72,7 +73,7 @@ def test_an_invalid_setting_stops_start_up_with_one_line_naming_it(name: str, va
     assert result.returncode != 0
     assert result.stdout == ""
     [line] = result.stderr.splitlines()
-    assert name in line
+    assert re.search(rf"(?<![A-Z_]){name}\b", line), line  # that very name, no other
 
 
 def test_a_database_without_a_secret_or_jwks_stops_start_up_with_one_line():

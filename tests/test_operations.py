@@ -28,6 +28,14 @@ async def test_healthz_and_readyz_are_200_while_database_and_listener_are_up(ser
             assert (await response.json())["status"] == status
 
 
+async def test_a_stream_asked_for_while_the_server_shuts_down_gets_503(service: Service, user):
+    service.app[keys.HUB].shutdown()  # what SIGTERM does once the port is closed
+    headers = {"Authorization": f"Bearer {token_for(user)}"}
+    async with service.session.get(service.url(EVENTS), headers=headers) as response:
+        assert response.status == 503
+        assert (await response.json())["code"] == "UNAVAILABLE"
+
+
 @pytest.fixture
 async def unlistening(database_url: str) -> AsyncIterator[tuple[TestServer, str]]:
     """A service whose LISTEN database refuses connections (its pool's database is fine)."""

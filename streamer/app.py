@@ -222,6 +222,7 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
         max_streams=settings.max_streams,
         queue_limit=settings.queue_limit,
         write_timeout=settings.write_timeout_seconds,
+        buffer_limit=settings.buffer_limit_bytes,
     )
     app[keys.AUTH] = Authenticator(settings)
     app.cleanup_ctx.append(_database)

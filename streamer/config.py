@@ -37,7 +37,10 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     max_streams_per_user: int = Field(default=100, ge=1)
     max_streams: int = Field(default=20_000, ge=1)
+    # Per stream: events held while it reads the database, and bytes its client has not
+    # taken yet; past either, or with bytes unsent past the write timeout, it is cut.
     queue_limit: int = Field(default=1000, ge=1)
+    buffer_limit_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     write_timeout_seconds: float = Field(default=15.0, gt=0)
     tombstone_retention_hours: float = Field(default=168.0, gt=0)
     pool_size: int = Field(default=4, ge=1, le=100)

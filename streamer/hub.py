@@ -1,8 +1,8 @@
 """Per-owner fan-out inside one process: every stream is a Subscriber of its owner.
 
 The listener hands each change to `Hub.dispatch` once; the event is encoded there once and
-the same bytes are queued for every stream of that owner. A stream that stops reading
-overflows its bounded queue and is cut; it resumes later from its cursor.
+the same bytes go to every stream of that owner. A stream that stops reading is cut when
+its buffer overflows or stays unsent past the write timeout; it resumes from its cursor.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from uuid import UUID
 
 from streamer.errors import TooManyStreams, Unavailable
@@ -32,71 +32,140 @@ class Envelope:
     read_in: Snapshot | None = None
     ends_row: bool = False  # a terminal status or a delete: a one-row stream ends after it
     closes: bool = False  # every stream ends after it (token-expired)
+    chunk: bytes = field(init=False)  # `data` as one HTTP/1.1 chunk, also encoded once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "chunk", b"%x\r\n%b\r\n" % (len(self.data), self.data))
 
 
 class Subscriber:
-    """One open stream: a bounded queue of envelopes and the means to wake its writer."""
+    """One open stream.
+
+    While the stream is being set up (reading the database) its envelopes wait in a bounded
+    queue. Once live, an envelope is appended to the stream's pending writes and the hub
+    writes every pending stream's bytes straight into its connection once per loop
+    iteration: no task wakes up per event, and one burst of changes is one send() per
+    stream. The connection's own write buffer is then the stream's buffer: the hub cuts a
+    stream whose buffer grows past its limit or stays unsent past the write timeout.
+    """
 
     __slots__ = (
+        "_chunked",
+        "_hub",
+        "_last",
+        "_pending",
         "_queue",
-        "_waiter",
-        "abort",
+        "_seen",
+        "_transport",
+        "backlog_since",
         "closed",
         "dropped",
-        "limit",
+        "ended",
         "owner",
         "row_id",
-        "writing_since",
     )
 
-    def __init__(self, owner: UUID, row_id: UUID | None, limit: int) -> None:
+    def __init__(self, hub: Hub, owner: UUID, row_id: UUID | None) -> None:
+        self._hub = hub
         self.owner = owner
         self.row_id = row_id
-        self.limit = limit
-        self._queue: deque[Envelope] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.closed: str | None = None  # why the stream must end
-        self.dropped = 0  # envelopes left undelivered when it was closed
-        self.abort: Callable[[], None] | None = None  # cuts the connection under a stuck write
-        self.writing_since: float | None = None
+        self._queue: deque[Envelope] | None = deque()
+        self._pending: list[bytes] | None = None
+        self._transport: asyncio.WriteTransport | None = None
+        self._chunked = True
+        self._seen: Snapshot | None = None
+        self._last = False  # the stream ends once what is pending is written
+        self.closed: str | None = None  # why the stream ended
+        self.dropped = 0  # envelopes left undelivered when it was cut
+        self.backlog_since: float | None = None  # when its connection last had unsent bytes
+        self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @property
+    def live(self) -> bool:
+        return self._transport is not None
 
     def push(self, envelope: Envelope) -> bool:
-        """Queue an envelope; False when it overflowed the queue and the stream was cut."""
-        if self.closed is not None:
+        """Take an envelope; False when it overflowed the set-up queue and the stream was cut."""
+        if self.closed is not None or self._last:
             return True
         if self.row_id is not None and envelope.row_id not in (None, self.row_id):
             return True
-        if len(self._queue) >= self.limit:
-            self.close("slow", undelivered=1)
-            return False
-        self._queue.append(envelope)
-        self._wake()
+        queue = self._queue
+        if queue is not None:
+            if len(queue) >= self._hub.queue_limit:
+                self.dropped = len(queue) + 1
+                return False
+            queue.append(envelope)
+            return True
+        self._write(envelope)
         return True
 
-    def close(self, reason: str, *, undelivered: int = 0) -> None:
-        if self.closed is None:
-            self.closed = reason
-            self.dropped = len(self._queue) + undelivered
-            self._queue.clear()
-            if self.writing_since is not None and self.abort is not None:
-                self.abort()
-        self._wake()
+    def _write(self, envelope: Envelope) -> None:
+        seen = self._seen
+        if seen is not None:
+            if envelope.xid is not None and seen.sees(envelope.xid):
+                return  # already in what this stream read from the database
+            if envelope.read_in is not None and seen.covers(envelope.read_in):
+                return  # a listener's catch-up older than this stream's own read
+        data = envelope.chunk if self._chunked else envelope.data
+        if self._pending is None:
+            self._pending = [data]
+            self._hub.mark_pending(self)
+        else:
+            self._pending.append(data)
+        if envelope.closes or (self.row_id is not None and envelope.ends_row):
+            self._last = True
 
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+    def go_live(self, transport: asyncio.WriteTransport, chunked: bool, seen: Snapshot) -> None:
+        """From now on write straight to `transport`; first what queued during set-up,
+        except what the stream's own read of the database (`seen`) already covered."""
+        queue, self._queue = self._queue, None
+        self._transport, self._chunked = transport, chunked
+        self._seen = seen if seen.xmax else None
+        for envelope in queue or ():
+            self._write(envelope)
+            if self._last:
+                break
 
-    async def next_batch(self) -> list[Envelope]:
-        """Everything queued so far, waiting for at least one; empty once closed."""
-        while not self._queue and self.closed is None:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        batch = list(self._queue)
-        self._queue.clear()
-        return batch
+    def flush(self) -> int:
+        """Write what is pending; returns how many events went out."""
+        pending, self._pending = self._pending, None
+        transport = self._transport
+        if not pending or transport is None or self.closed is not None:
+            return 0
+        if transport.is_closing():
+            self.close("gone")
+            return 0
+        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        if transport.get_write_buffer_size() > self._hub.buffer_limit:
+            self.dropped = len(pending)  # still in the buffer when the connection is aborted
+            self._hub.cut(self)
+        elif self._last:
+            self.close("end")
+        return len(pending)
+
+    def unsent(self) -> int:
+        """Bytes written to the connection that the client has not taken yet."""
+        transport = self._transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def close(self, reason: str) -> None:
+        """End the stream: what is pending is written first, unless it is cut for being slow
+        (then the connection is aborted, and what it had not taken is counted as dropped)."""
+        if self.closed is not None:
+            return
+        self.closed = reason
+        pending, self._pending = self._pending, None
+        queue, self._queue = self._queue, None
+        transport = self._transport
+        if reason == "slow":
+            self.dropped = self.dropped or len(pending or queue or ())
+            if transport is not None:
+                transport.abort()
+        elif pending and transport is not None and not transport.is_closing():
+            transport.write(b"".join(pending))
+        if not self.ended.done():
+            self.ended.set_result(reason)
 
 
 class Hub:
@@ -109,6 +178,7 @@ class Hub:
         max_streams: int,
         queue_limit: int,
         write_timeout: float,
+        buffer_limit: int = 4 * 1024 * 1024,
     ) -> None:
         self.feed = feed
         self.metrics = metrics
@@ -116,6 +186,8 @@ class Hub:
         self.max_streams = max_streams
         self.queue_limit = queue_limit
         self.write_timeout = write_timeout
+        self.buffer_limit = buffer_limit
+        self._pending: list[Subscriber] = []
         self._by_owner: dict[UUID, set[Subscriber]] = {}
         self.count = 0
         self.stopping = False
@@ -145,7 +217,7 @@ class Hub:
         if self.count >= self.max_streams:
             self.metrics.rejected_streams.labels("per_process").inc()
             raise TooManyStreams("This server has too many open streams; try another.")
-        sub = Subscriber(owner, row_id, self.queue_limit)
+        sub = Subscriber(self, owner, row_id)
         self._by_owner.setdefault(owner, set()).add(sub)
         self.count += 1
         self.metrics.streams_open.inc()
@@ -180,13 +252,31 @@ class Hub:
             return
         for sub in tuple(subs):
             if not sub.push(envelope):
-                self._cut(sub)
+                self.cut(sub)
 
-    def _cut(self, sub: Subscriber) -> None:
+    def cut(self, sub: Subscriber) -> None:
+        """A stream whose client does not keep up: abort it; it resumes from its cursor."""
+        if sub.closed is not None:
+            return
         sub.close("slow")
         log.info("stream cut for not reading; %d events undelivered", sub.dropped)
         self.metrics.slow_disconnects.inc()
         self.metrics.events_dropped.inc(sub.dropped)
+
+    def mark_pending(self, sub: Subscriber) -> None:
+        """`sub` has bytes to write: they go out with everyone else's at the end of this
+        loop iteration, so a burst of changes costs one write per stream."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(sub)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        sent = 0
+        for sub in pending:
+            sent += sub.flush()
+        if sent:
+            self.metrics.events_sent.inc(sent)
 
     def advance(self, horizon: int) -> None:
         self.watermark = max(self.watermark, horizon)
@@ -260,7 +350,7 @@ class Hub:
         envelope = Envelope(frame(HeartbeatEvent(timestamp=now())))
         for sub in list(self.subscribers()):
             if not sub.push(envelope):
-                self._cut(sub)
+                self.cut(sub)
 
     async def run_heartbeats(self, interval: float) -> None:
         while True:
@@ -268,14 +358,17 @@ class Hub:
             self.heartbeat()
 
     def sweep(self) -> None:
-        """Cut every stream whose write has not finished within the write timeout: its
-        client stopped reading and the socket buffers are full. Without new events its
-        queue would never overflow, so only this notices it."""
-        stuck_before = time.monotonic() - self.write_timeout
+        """Cut every stream whose connection has held unsent bytes for longer than the
+        write timeout: its client stopped reading and the socket buffers are full. Without
+        new events its buffer would never overflow, so only this notices it."""
+        now = time.monotonic()
         for sub in list(self.subscribers()):
-            stuck = sub.writing_since is not None and sub.writing_since < stuck_before
-            if stuck and sub.closed is None:  # a closed one is being aborted already
-                self._cut(sub)
+            if sub.closed is not None or not sub.unsent():
+                sub.backlog_since = None
+            elif sub.backlog_since is None:
+                sub.backlog_since = now
+            elif now - sub.backlog_since > self.write_timeout:
+                self.cut(sub)
 
     async def run_sweeps(self) -> None:
         """Sweep twice per write timeout: a stuck stream is cut within 1.5 timeouts,

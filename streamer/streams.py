@@ -8,12 +8,11 @@ visibility, so nothing is sent twice or older-after-newer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from uuid import UUID
 
 import asyncpg
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from streamer import keys
 from streamer.errors import InvalidId, InvalidParameter, NotFound, Unavailable
@@ -48,6 +47,8 @@ def _cursor(request: web.Request) -> int | None:
 
 async def _open(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    if request.version >= HttpVersion11:
+        response.enable_chunked_encoding()  # the hub writes whole chunks itself
     await response.prepare(request)
     await response.write(retry_frame(request.app[keys.SETTINGS].retry_ms))
     return response
@@ -60,49 +61,17 @@ def _expire_at(sub: Subscriber, expires_at: float) -> asyncio.TimerHandle:
     return loop.call_at(loop.time() + delay, lambda: sub.push(envelope))
 
 
-async def _pump(
-    request: web.Request,
-    response: web.StreamResponse,
-    sub: Subscriber,
-    seen: Snapshot,
-) -> None:
-    """Write queued events until the stream must end: token expiry, a one-row stream's
-    last event, the client leaving, or the hub closing it."""
-    metrics = request.app[keys.METRICS]
-    transport = request.transport
-    if transport is not None:
-        sub.abort = transport.abort
-    while True:
-        batch = await sub.next_batch()
-        if not batch:
-            return
-        chunks: list[bytes] = []
-        last = False
-        for envelope in batch:
-            if envelope.xid is not None and seen.sees(envelope.xid):
-                continue  # already in what this stream read from the database
-            if envelope.read_in is not None and seen.covers(envelope.read_in):
-                continue  # a listener's catch-up older than this stream's own read
-            chunks.append(envelope.data)
-            if envelope.closes or (sub.row_id is not None and envelope.ends_row):
-                last = True
-                break
-        if chunks:
-            sub.writing_since = time.monotonic()
-            try:
-                await response.write(b"".join(chunks))
-            finally:
-                sub.writing_since = None
-            metrics.events_sent.inc(len(chunks))
-        if last:
-            return
-
-
-async def _serve(
+async def _live(
     request: web.Request, response: web.StreamResponse, sub: Subscriber, seen: Snapshot
 ) -> web.StreamResponse:
-    with contextlib.suppress(ConnectionResetError):  # the client left
-        await _pump(request, response, sub, seen)
+    """Hand the connection to the hub, which writes every later event straight into it,
+    and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
+    shutdown, or the client leaving (then aiohttp cancels this handler)."""
+    transport = request.transport
+    if transport is None or transport.is_closing() or sub.closed is not None:
+        return response
+    sub.go_live(transport, request.version >= HttpVersion11, seen)
+    await sub.ended
     return response
 
 
@@ -140,7 +109,7 @@ async def file_events(request: web.Request) -> web.StreamResponse:
                     chunks.append(frame(feed.update_event(item), cursor))
             await response.write(b"".join(chunks))
         await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
-        return await _serve(request, response, sub, seen)
+        return await _live(request, response, sub, seen)
     except ConnectionResetError:
         return web.Response()  # the client left during set-up: nothing to answer
     finally:
@@ -181,7 +150,7 @@ async def file_item_events(request: web.Request) -> web.StreamResponse:
         await response.write(frame(feed.update_event(row), seen.cursor))
         if feed.is_terminal(row):
             return response
-        return await _serve(request, response, sub, seen)
+        return await _live(request, response, sub, seen)
     except ConnectionResetError:
         return web.Response()
     finally:

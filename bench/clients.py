@@ -30,6 +30,24 @@ from bench.agent import Reply, now_ns, serve
 MARK = b"bench:"
 CHANNEL = "streamer"
 OPEN_TIMEOUT = 60.0
+# What Chrome sends with an EventSource request (same origin, no cookie): the service
+# keeps a stream's request headers for as long as the stream lives, so they count.
+BROWSER_HEADERS = (
+    "Connection: keep-alive\r\n"
+    'sec-ch-ua-platform: "Linux"\r\n'
+    "Cache-Control: no-cache\r\n"
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36\r\n"
+    "Accept: text/event-stream\r\n"
+    'sec-ch-ua: "Google Chrome";v="131", "Chromium";v="131", "Not_A Brand";v="24"\r\n'
+    "sec-ch-ua-mobile: ?0\r\n"
+    "Sec-Fetch-Site: same-origin\r\n"
+    "Sec-Fetch-Mode: cors\r\n"
+    "Sec-Fetch-Dest: empty\r\n"
+    "Referer: http://127.0.0.1/files\r\n"
+    "Accept-Encoding: gzip, deflate, br, zstd\r\n"
+    "Accept-Language: en-GB,en;q=0.9\r\n"
+)
 _CODE = re.compile(rb'"code":\s*"([A-Z_]+)"')
 
 
@@ -232,8 +250,7 @@ class SseClient:
         async def one(index: int, token: str) -> None:
             request = (
                 f"GET {self.spec.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.spec.port}\r\n"
-                f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"
-                "Cache-Control: no-cache\r\n\r\n"
+                f"Authorization: Bearer {token}\r\n{BROWSER_HEADERS}\r\n"
             ).encode()
             async with gate:
                 stream = SseStream(self, index, request)

@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -116,38 +117,57 @@ _FAST = """
             extract(epoch from clock_timestamp()), row_to_json(new));
         if octet_length(payload) <= 7900 then
             perform pg_notify('streamer', payload);
-            return null;
+            return RESULT;
         end if;
     end if;
     perform pg_notify('streamer', new.id::text);"""
-VARIANTS: dict[str, str | None] = {
-    "none": None,
-    "bare": "perform pg_notify('streamer', new.id::text);",
-    "bare, 600-byte payload": "perform pg_notify('streamer', repeat('x', 564) || new.id::text);",
-    "row_to_json payload": "perform pg_notify('streamer', row_to_json(new)::text);",
-    "feed stamp + bare": "perform pg_notify('streamer', new.id::text);",
-    "feed, fast path": _FAST.replace("HORIZON", "pg_snapshot_xmin(pg_current_snapshot())"),
-    "feed, fast path, no horizon": _FAST.replace("HORIZON", "0"),
-    "feed": None,
+_STAMP = """
+    new.version := greatest(old.version + 1, pg_current_xact_id()::text::bigint * 1024);"""
+_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())"
+
+
+@dataclass(frozen=True)
+class Variant:
+    body: str | None  # the AFTER (or BEFORE) trigger's body; None: as configure() leaves it
+    stamp: bool = False  # keep the feed's BEFORE version stamp
+    before: bool = False  # one BEFORE trigger instead of an AFTER one (it returns new)
+
+
+VARIANTS: dict[str, Variant] = {
+    "none": Variant(None),
+    "bare": Variant("perform pg_notify('streamer', new.id::text);"),
+    "bare, 600-byte payload": Variant(
+        "perform pg_notify('streamer', repeat('x', 564) || new.id::text);"
+    ),
+    "row_to_json payload": Variant("perform pg_notify('streamer', row_to_json(new)::text);"),
+    "feed stamp + bare": Variant("perform pg_notify('streamer', new.id::text);", stamp=True),
+    "feed, fast path": Variant(_FAST.replace("HORIZON", _HORIZON), stamp=True),
+    "feed, fast path, no horizon": Variant(_FAST.replace("HORIZON", "0"), stamp=True),
+    "feed, one BEFORE trigger": Variant(
+        _STAMP + _FAST.replace("HORIZON", _HORIZON).replace("RESULT", "new"), before=True
+    ),
+    "feed": Variant(None),
 }
 
 
 def _set_variant(pg: Postgres, name: str) -> None:
+    variant = VARIANTS[name]
     configure(pg, "feed" if name == "feed" else "none")
-    body = VARIANTS[name]
-    if body is None:
+    if variant.body is None:
         return
+    result = "new" if variant.before else "null"
+    body = variant.body.replace("RESULT", result)
     with pg.connect() as conn:
-        if name.startswith("feed") and name != "feed":
+        if variant.stamp:
             conn.execute("select streamer.enable_feed('files', 'user_id')")
             conn.execute("drop trigger streamer_notify on files")
         conn.execute(
             "create or replace function bench_bare_notify() returns trigger language plpgsql "
-            f"as $$ declare payload text; begin {body} return null; end $$"
+            f"as $$ declare payload text; begin {body} return {result}; end $$"
         )
         conn.execute(
-            "create trigger bench_bare_notify after update on files "
-            "for each row execute function bench_bare_notify()"
+            f"create trigger bench_bare_notify {'before' if variant.before else 'after'} "
+            "update on files for each row execute function bench_bare_notify()"
         )
 
 

@@ -31,6 +31,8 @@ from streamer.db import ensure_database, migrate
 from streamer.embedded import POSTGRES_BIN_PATH, EmbeddedPostgres, _free_port
 
 DATABASE = "bench"
+# The checkout this bench/ is in: its streamer/ is the one measured, whatever is installed.
+REPO = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SECRET = "bench-secret-for-hs256-tokens-32-bytes-long"
@@ -233,9 +235,11 @@ class ServerProcess:
         self.port = port
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
             command,
-            env={**os.environ, **env},
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": path, **env},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -290,7 +294,8 @@ class ServerProcess:
 
 
 def start_service(pg: Postgres, *, heartbeat: float = 30.0) -> ServerProcess:
-    """`streamer serve` exactly as deployed: DATABASE_URL and a JWT secret from the env."""
+    """`streamer serve` as deployed (DATABASE_URL and a JWT secret from the environment),
+    run as `python -m streamer` so that it is this checkout's code."""
     port = _free_port()
     env = {
         "DATABASE_URL": pg.dsn("bench-service"),
@@ -298,8 +303,8 @@ def start_service(pg: Postgres, *, heartbeat: float = 30.0) -> ServerProcess:
         "STREAMER_PORT": str(port),
         "STREAMER_HEARTBEAT_SECONDS": str(heartbeat),
     }
-    streamer = Path(sys.executable).parent / "streamer"
-    server = ServerProcess("service", [str(streamer), "serve", "--no-migrate"], env, port)
+    command = [sys.executable, "-m", "streamer", "serve", "--no-migrate"]
+    server = ServerProcess("service", command, env, port)
     server.wait_ready("/readyz")
     return server
 

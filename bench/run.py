@@ -24,6 +24,7 @@ from bench import capacity, fanout, latency, report, writer_cost
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import (
+    REPO,
     Interrupted,
     Postgres,
     busy_seconds,
@@ -79,7 +80,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def git_commit() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -94,6 +99,7 @@ def uncommitted() -> list[str]:
             capture_output=True,
             text=True,
             check=True,
+            cwd=REPO,
         )
     except (OSError, subprocess.CalledProcessError):
         return []

@@ -290,8 +290,9 @@ class Hub:
         """Hand one committed change to its owners' streams, except the owners in `skip`.
 
         `current` is (owner, row) for an update: the row in the payload, or read back when
-        it was too big to travel. A row read back may belong to someone else by now; it
-        then goes nowhere (the change that moved it follows).
+        it was too big to travel. A row read back may belong to someone else by now, or be
+        a later version of it; it then goes nowhere: the change that moved it or made that
+        version follows, and a newer version sent first would go out ahead of older ones.
         """
         self.advance(change.horizon)
         cursor = self.cursor
@@ -306,6 +307,8 @@ class Hub:
         if owner != change.owner or owner not in self._by_owner:
             return
         assert isinstance(row, self.feed.row_model)
+        if row.version != change.version:
+            return
         envelope = Envelope(
             frame(self.feed.update_event(row), cursor),
             row_id=row.id,

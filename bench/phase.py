@@ -8,6 +8,7 @@ The designs: `floor` (one bare LISTEN connection), `service` (`streamer serve`),
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from bench.harness import (
     ServerProcess,
+    busy_seconds,
     sampling,
     start_naive,
     start_relay,
@@ -96,6 +98,8 @@ def measure(
     others = {"clients": receivers.pids(), "writer": [ctx.writer.pid]}
     others_cpu0 = {name: tree_cpu(pids) for name, pids in others.items()}
     postgres_cpu0 = tree_cpu([ctx.pg.postmaster_pid()])
+    ours = [os.getpid(), ctx.pg.postmaster_pid()]
+    ours0, busy0 = tree_cpu(ours), busy_seconds()
     wall0 = time.monotonic()
     with sampling(ctx.pg, server, APPLICATION[design]) as peak:
         commits = ctx.writer.run(rate, seconds, rows, users)
@@ -106,6 +110,7 @@ def measure(
         raise RuntimeError(f"the {design} server died during the phase:\n{server.log_tail()}")
     cpu = server.cpu() - cpu0 if server is not None else None
     postgres_cpu = tree_cpu([ctx.pg.postmaster_pid()]) - postgres_cpu0
+    others_cpu = max(0.0, (busy_seconds() - busy0) - (tree_cpu(ours) - ours0))
     load_cpu = {name: tree_cpu(pids) - others_cpu0[name] for name, pids in others.items()}
     arrivals = receivers.collect()
     tabs = receivers.tabs(users)
@@ -147,6 +152,7 @@ def measure(
         "clients_cpu_pct": round(100 * load_cpu["clients"] / wall, 1),
         "writer_cpu_pct": round(100 * load_cpu["writer"] / wall, 1),
         "postgres_cpu_pct": round(100 * postgres_cpu / wall, 1),
+        "others_cpu_pct": round(100 * others_cpu / wall, 1),  # other people's processes
         "server_rss_mb": round(peak.rss / 2**20, 1) if server is not None else None,
         "pg_connections": peak.connections,
     }

@@ -175,14 +175,14 @@ def latency_section(latency: dict[str, Any]) -> list[str]:
             _n(p["commit_rate"]), _n(p["offered_per_s"]), f"{p['lost']:,} / {p['expected']:,}",
             _ms(p["p50_ms"]), _ms(p["p95_ms"]), _ms(p["p99_ms"]), _ms(p["max_ms"]),
             _ms(p["ack_p50_ms"]), _ms(p["ack_p99_ms"]), _ms(p["commit_ms"]),
-            _cpu(p["server_cpu_pct"]),
+            _cpu(p["server_cpu_pct"]), _cpu(p.get("others_cpu_pct")),
             _n(p["server_rss_mb"]), str(p["pg_connections"]),
             f"{_ms(p.get('added_p50_ms'))} / {_ms(p.get('added_p99_ms'))}",
         ])  # fmt: skip
     lines += _table(
         ["design", "streams live", "refused", "commits/s", "events/s", "lost", "p50", "p95",
-         "p99", "max", "ack p50", "ack p99", "COMMIT ms", "server CPU", "server RSS MB",
-         "PG conns", "added p50 / p99"],
+         "p99", "max", "ack p50", "ack p99", "COMMIT ms", "server CPU", "others' CPU",
+         "server RSS MB", "PG conns", "added p50 / p99"],
         rows,
     )  # fmt: skip
     lines += [
@@ -220,12 +220,12 @@ def fanout_section(fanout: dict[str, Any]) -> list[str]:
                 _ms(step["max_ms"]),
                 _cpu(step["server_cpu_pct"]), _cpu(step["clients_cpu_pct"]),
                 _cpu(step["writer_cpu_pct"]), _cpu(step["postgres_cpu_pct"]),
-                str(step["dropped_streams"]),
+                _cpu(step.get("others_cpu_pct")), str(step["dropped_streams"]),
             ])  # fmt: skip
     lines += _table(
         ["design", "offered rows/s", "commits/s", "offered events/s", "delivered events/s",
          "lost", "streams", "p50 ms", "p99 ms", "max ms", "CPU: server", "clients", "writer",
-         "Postgres", "streams cut"],
+         "Postgres", "others", "streams cut"],
         rows,
     )  # fmt: skip
     lines += [

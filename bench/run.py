@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -171,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(records, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
     meta["load_after"] = {"loadavg": loadavg()}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = json.dumps(results, indent=1)
+    # Lists of numbers (the CDFs) on one line each.
+    text = re.sub(
+        r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text
+    )
+    (args.out / "results.json").write_text(text + "\n")
     report.write(results, args.out)
     log(f"wrote {args.out}/results.md in {meta['seconds']:.0f} s total")
     return 0

@@ -281,6 +281,15 @@ class Hub:
     def advance(self, horizon: int) -> None:
         self.watermark = max(self.watermark, horizon)
 
+    def rebase(self, snapshot: Snapshot) -> None:
+        """Follow the database after the listener was down, even back in time: a database
+        restored, or one that lost its last commits in a crash, is behind the cursors
+        already given out. Those get a reset; the cursors given out next must be its own."""
+        if self.watermark > snapshot.xmax:
+            self.watermark = snapshot.xmin
+        else:
+            self.advance(snapshot.xmin)
+
     def dispatch(
         self,
         change: Notification,
@@ -328,9 +337,10 @@ class Hub:
     def dispatch_catch_up(self, result: CatchUp, cursor: str) -> None:
         """After the listener was down: what changed meanwhile, to every open stream."""
         if result.reset:
-            # Gone past retention: each stream reconnects and gets its own reset + snapshot.
+            # Gone past retention, or the database went back in time: each stream
+            # reconnects and gets its own reset + snapshot.
             self.close_all("reset")
-            self.advance(result.snapshot.xmin)
+            self.rebase(result.snapshot)
             return
         read_in = result.snapshot
         for owner, item in result.in_order():

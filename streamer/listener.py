@@ -116,7 +116,7 @@ class Listener:
         async with self.pool.acquire() as conn:
             if not owners:
                 snapshot = await current_snapshot(conn)
-                self.hub.advance(snapshot.xmin)
+                self.hub.rebase(snapshot)
                 return snapshot, owners
             result = await catch_up(conn, self.feed, list(owners), self.hub.watermark)
         self.hub.dispatch_catch_up(result, self.hub.cursor)

@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -561,17 +562,30 @@ async def story(url: str, told: list[Step]) -> None:
             assert_isolated(world, watcher)
 
 
-@settings(
-    max_examples=int(os.environ.get("STREAMER_ISOLATION_EXAMPLES", "20")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(told=st.lists(steps, min_size=30, max_size=80))
+def tell(postgres: PostgresServer, template: str, told: list[Step]) -> None:
+    with fresh_database(postgres, template) as url:
+        asyncio.run(story(url, told))
+
+
+STORIES = st.lists(steps, min_size=30, max_size=80)
+SLOW_IS_FINE = [HealthCheck.too_slow, HealthCheck.data_too_large]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=SLOW_IS_FINE)
+@given(told=STORIES)
 def test_every_stream_gets_exactly_its_own_users_events_and_nothing_of_anyone_elses(
     postgres: PostgresServer, template: str, told: list[Step]
 ) -> None:
-    with fresh_database(postgres, template) as url:
-        asyncio.run(story(url, told))
+    tell(postgres, template, told)
+
+
+@pytest.mark.soak
+@settings(max_examples=300, deadline=None, suppress_health_check=SLOW_IS_FINE)
+@given(told=st.lists(steps, min_size=30, max_size=200))
+def test_three_hundred_longer_stories_keep_every_stream_to_its_own_users_events(
+    postgres: PostgresServer, template: str, told: list[Step]
+) -> None:
+    tell(postgres, template, told)
 
 
 # -- what the stories found ----------------------------------------------------------------

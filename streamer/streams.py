@@ -75,39 +75,51 @@ async def _live(
     return response
 
 
+async def _read_since(
+    request: web.Request, owner: UUID, since: int | None
+) -> tuple[CatchUp, bytes]:
+    """The caller's catch-up (or snapshot) and its events, encoded. A function of its own so
+    the rows and bytes are freed once written, not held for the stream's whole life."""
+    feed = request.app[keys.HUB].feed
+    try:
+        async with request.app[keys.POOL].acquire() as conn:
+            result = await catch_up(conn, feed, [owner], since)
+    except DB_ERRORS as exc:
+        raise Unavailable("The database is not reachable; retry shortly.") from exc
+    resumed = since is not None and not result.reset
+    cursor = str(since) if resumed else SNAPSHOT_CURSOR
+    chunks = [frame(ResetEvent(timestamp=now()))] if result.reset else []
+    for _owner, item in result.in_order():
+        if isinstance(item, Gone):
+            chunks.append(frame(feed.delete_event(item.id), cursor))
+        else:
+            chunks.append(frame(feed.update_event(item), cursor))
+    return result, b"".join(chunks)
+
+
 async def file_events(request: web.Request) -> web.StreamResponse:
     """GET /api/files/events: every file of the caller, live, resumable by cursor."""
     app = request.app
     principal = await app[keys.AUTH].authenticate(request)
     since = _cursor(request)
     snapshot = _flag(request, "snapshot")
-    hub, feed = app[keys.HUB], app[keys.HUB].feed
+    hub = app[keys.HUB]
     sub = hub.subscribe(principal.user_id)
     expiry = _expire_at(sub, principal.expires_at)
     try:
-        result: CatchUp | None = None
         if since is not None or snapshot:
-            try:
-                async with app[keys.POOL].acquire() as conn:
-                    result = await catch_up(conn, feed, [principal.user_id], since)
-            except DB_ERRORS as exc:
-                raise Unavailable("The database is not reachable; retry shortly.") from exc
-            seen, synced_at = result.snapshot, result.snapshot.cursor
+            result, caught_up = await _read_since(request, principal.user_id, since)
+            seen = result.snapshot
+            del result
         else:
             # Nothing to read: the stream is live from its subscription on, and everything
             # not yet dispatched is at or above the hub's watermark. No query at all.
-            seen, synced_at = NOTHING_SEEN, hub.cursor
+            seen, caught_up = NOTHING_SEEN, b""
         response = await _open(request)
-        if result is not None:
-            resumed = since is not None and not result.reset
-            cursor = str(since) if resumed else SNAPSHOT_CURSOR
-            chunks = [frame(ResetEvent(timestamp=now()))] if result.reset else []
-            for _owner, item in result.in_order():
-                if isinstance(item, Gone):
-                    chunks.append(frame(feed.delete_event(item.id), cursor))
-                else:
-                    chunks.append(frame(feed.update_event(item), cursor))
-            await response.write(b"".join(chunks))
+        if caught_up:
+            await response.write(caught_up)
+            del caught_up
+        synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
         await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
         return await _live(request, response, sub, seen)
     except ConnectionResetError:
@@ -115,6 +127,32 @@ async def file_events(request: web.Request) -> web.StreamResponse:
     finally:
         expiry.cancel()
         hub.unsubscribe(sub)
+
+
+async def _read_one(
+    request: web.Request, owner: UUID, row_id: UUID
+) -> tuple[Snapshot, bytes, bool]:
+    """The file's current state as an encoded event, the snapshot it was read in, and
+    whether it is already terminal; NotFound when it is missing or someone else's."""
+    feed = request.app[keys.HUB].feed
+    try:
+        async with (
+            request.app[keys.POOL].acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            seen = await current_snapshot(conn)
+            record = await conn.fetchrow(
+                f"select {feed.select_list} from {feed.name} "
+                f"where id = $1 and {feed.owner_column} = $2",
+                row_id,
+                owner,
+            )
+    except DB_ERRORS as exc:
+        raise Unavailable("The database is not reachable; retry shortly.") from exc
+    if record is None:
+        raise NotFound()
+    row = feed.row_model.model_validate(dict(record))
+    return seen, frame(feed.update_event(row), seen.cursor), feed.is_terminal(row)
 
 
 async def file_item_events(request: web.Request) -> web.StreamResponse:
@@ -125,30 +163,15 @@ async def file_item_events(request: web.Request) -> web.StreamResponse:
         row_id = UUID(request.match_info["id"])
     except ValueError:
         raise InvalidId() from None
-    hub, feed = app[keys.HUB], app[keys.HUB].feed
+    hub = app[keys.HUB]
     sub = hub.subscribe(principal.user_id, row_id)
     expiry = _expire_at(sub, principal.expires_at)
     try:
-        try:
-            async with (
-                app[keys.POOL].acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                seen = await current_snapshot(conn)
-                record = await conn.fetchrow(
-                    f"select {feed.select_list} from {feed.name} "
-                    f"where id = $1 and {feed.owner_column} = $2",
-                    row_id,
-                    principal.user_id,
-                )
-        except DB_ERRORS as exc:
-            raise Unavailable("The database is not reachable; retry shortly.") from exc
-        if record is None:
-            raise NotFound()
-        row = feed.row_model.model_validate(dict(record))
+        seen, current, terminal = await _read_one(request, principal.user_id, row_id)
         response = await _open(request)
-        await response.write(frame(feed.update_event(row), seen.cursor))
-        if feed.is_terminal(row):
+        await response.write(current)
+        del current
+        if terminal:
             return response
         return await _live(request, response, sub, seen)
     except ConnectionResetError:

@@ -356,3 +356,17 @@ async def test_a_watcher_that_drops_mid_write_leaves_the_service_serving(
         await db.execute("update files set progress = $2 where id = $1", file_id, progress)
     async with watch(service, file_id, user) as stream:
         assert (await stream.next()).file["progress"] == 9
+
+
+async def test_a_failure_with_a_one_megabyte_error_message_arrives_whole_and_ends_the_stream(
+    service: Service, db, user
+):
+    message = "stack trace line\n" * 60_000
+    file_id = await insert_file(db, user, status="processing")
+    async with watch(service, file_id, user) as stream:
+        await stream.next()
+        await db.execute(
+            "update files set status = 'failed', error_message = $2 where id = $1", file_id, message
+        )
+        rest = await stream.end()
+    assert [(e.file["status"], e.file["error_message"]) for e in rest] == [("failed", message)]

@@ -323,3 +323,29 @@ async def _restart_while_streaming(
     async with asyncio.timeout(20):
         while (await readyz(service))[0] != 200:
             await asyncio.sleep(0.05)
+
+
+async def test_history_pruned_while_the_listener_was_down_ends_streams_into_a_reset(
+    service: Service, db, user
+):
+    """The listener cannot catch streams up past pruned tombstones: it ends them, and each
+    resumes into `reset` and a full snapshot rather than a silent gap."""
+    kept = await insert_file(db, user, "kept.pdf")
+    doomed = await insert_file(db, user, "doomed.pdf")
+    sessions = listener_of(service).sessions
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        async with listener_held_down(service, db):
+            await db.execute("delete from files where id = $1", doomed)
+            assert await db.fetchval("select streamer.prune('files', interval '0 seconds')") >= 1
+        await back_up(service, sessions)
+        await stream.end()
+    cursor = stream.last_id
+    assert cursor is not None
+
+    async with open_stream(
+        service.session, service.url(EVENTS), token_for(user), headers={"Last-Event-ID": cursor}
+    ) as resumed:
+        names = [e.name for e in resumed.events]
+        assert names[0] == "reset"
+        snapshot = resumed.events[1 : names.index("synced")]
+    assert [e.file["id"] for e in snapshot] == [str(kept)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -171,14 +170,6 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     await auth.close()
 
 
-async def _freeze_startup_objects(app: web.Application) -> None:
-    """Modules, settings and the app live as long as the process: keep the garbage
-    collector from scanning them in every full collection. That halves the pause a burst
-    of thousands of reconnecting streams triggers (about 45 to 20 ms at 1,000 streams)."""
-    gc.collect()
-    gc.freeze()
-
-
 async def _end_streams(app: web.Application) -> None:
     """On shutdown (SIGTERM): every stream ends cleanly, and its client reconnects elsewhere."""
     app[keys.HUB].shutdown()
@@ -236,7 +227,6 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
     app[keys.AUTH] = Authenticator(settings)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
-    app.on_startup.append(_freeze_startup_objects)
     app.on_shutdown.append(_end_streams)
 
     streams = [

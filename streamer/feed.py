@@ -29,6 +29,11 @@ CHANNEL = "streamer"
 # A version is never below its writer's transaction id times this (see sql/002_feed.sql).
 VERSION_SCALE = 1024
 MAX_CURSOR_DIGITS = 19
+BIGINT_MAX = 2**63 - 1
+# A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS. Any
+# role connected to the database can NOTIFY the channel: a horizon beyond this is forged,
+# and would have every later event carry a cursor that this server itself rejects.
+MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,9 @@ class Notification(BaseModel):
     id: UUID
     owner: UUID = Field(alias="u")
     old_owner: UUID | None = Field(default=None, alias="ou")
-    version: int = Field(alias="v")
-    xid: int = Field(alias="x")
-    horizon: int = Field(alias="m")
+    version: int = Field(alias="v", ge=0, le=BIGINT_MAX)
+    xid: int = Field(alias="x", ge=0, le=BIGINT_MAX)
+    horizon: int = Field(alias="m", ge=0, le=MAX_HORIZON)
     at: float | None = Field(default=None, alias="t")  # the writer's clock, epoch seconds
     row: dict[str, Any] | None = Field(default=None, alias="r")
 

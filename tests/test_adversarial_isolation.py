@@ -622,3 +622,25 @@ async def test_a_row_too_big_to_travel_never_arrives_older_after_newer(
         rest = await one_file.end()
         assert [e.file["status"] for e in rest if e.name == "file-update"][-1] == "ready"
         assert [e.file["version"] for e in rest] == sorted(e.file["version"] for e in rest)
+
+
+async def test_a_row_whose_text_looks_like_sse_frames_cannot_forge_an_event(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+) -> None:
+    theirs = await insert_file(db, other_user, "theirs.pdf")
+    forgery = f'x\n\nevent: file-deleted\nid: 1\ndata: {{"file": {{"id": "{theirs}"}}}}\n\n'
+    texts = {
+        "filename": forgery,
+        "processing_stage": "a\rb\r\nc\u2028d\u2029e\x85f",
+        "error_message": "data: retry: 1\n\nid: 0\n: comment\nevent: reset\n" + "é😀" * 100,
+    }
+    async with open_stream(service.session, service.url("/api/files/events"), token_for(user)) as s:
+        file_id = await insert_file(db, user, **texts)
+        event = await s.next()
+        marker = await insert_file(db, user, "marker.pdf")
+        assert (await s.next()).file["id"] == str(marker)
+        assert [e.name for e in s.events] == ["synced", "file-update", "file-update"]
+        assert event.file["id"] == str(file_id)
+        # Each data: line is JSON, where a raw CR or LF could not be: the text came through
+        # whole, escaped, and framed nothing.
+        assert {name: event.file[name] for name in texts} == texts

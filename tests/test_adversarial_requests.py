@@ -20,6 +20,7 @@ import pytest
 from yarl import URL
 
 from streamer import keys
+from streamer.feed import MAX_HORIZON
 from tests.conftest import Service, insert_file, token_for
 from tests.sse import open_stream
 
@@ -370,3 +371,47 @@ async def test_a_client_trickling_its_headers_byte_by_byte_does_not_hold_up_anyo
         await slow.drain()
         head = await asyncio.wait_for(reader.readuntil(b"synced"), TIMEOUT)
         assert head.startswith(b"HTTP/1.1 200")
+
+
+# -- forged notifications: anyone connected to the database can NOTIFY the channel --------
+
+
+async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+) -> None:
+    theirs = await insert_file(db, other_user, "their-secret.pdf")
+
+    def change(op: str, file_id: uuid.UUID, owner: uuid.UUID, v: int, x: int, m: int) -> str:
+        return json.dumps(
+            {"f": "files", "o": op, "id": str(file_id), "u": str(owner), "v": v, "x": x, "m": m}
+        )
+
+    stranger = uuid.uuid4()
+    forged = [
+        "not json",
+        "[1, 2, 3]",
+        change("x", theirs, user, 1, 1, 1),
+        # A reference to someone else's row, addressed to this user: read back, not sent.
+        change("u", theirs, user, 1, 1, 1),
+        # Horizons no transaction has: cursors must stay ones this server accepts.
+        change("d", uuid.uuid4(), stranger, 1, 1, 10**30),
+        change("d", uuid.uuid4(), stranger, 1, 1, -5),
+        change("d", uuid.uuid4(), stranger, 10**30, 10**30, 2**62),
+        # The largest horizon a cursor can carry: resuming from it gets a reset, not a 400.
+        change("d", uuid.uuid4(), stranger, 1, 1, MAX_HORIZON),
+    ]
+    url = service.url(EVENTS)
+    async with open_stream(service.session, url, token_for(user)) as stream:
+        for payload in forged:
+            await db.execute("select pg_notify('streamer', $1)", payload)
+        mine = await insert_file(db, user, "mine.pdf")
+        event = await stream.next()
+        assert event.file["id"] == str(mine)
+        raw = "".join(e.data for e in stream.events)
+        assert str(theirs) not in raw and "their-secret" not in raw
+        cursor = event.id
+    assert cursor is not None
+    async with open_stream(
+        service.session, url, token_for(user), headers={"Last-Event-ID": cursor}
+    ) as resumed:
+        assert resumed.events[-1].name == "synced"

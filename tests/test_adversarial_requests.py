@@ -415,3 +415,21 @@ async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable
         service.session, url, token_for(user), headers={"Last-Event-ID": cursor}
     ) as resumed:
         assert resumed.events[-1].name == "synced"
+
+
+async def test_anything_under_static_but_its_own_files_is_a_json_404(service: Service) -> None:
+    root = URL(service.url("/"))
+    for path in (
+        "/static/nonexistent.js",
+        "/static/../pyproject.toml",
+        "/static/..%2F..%2Fpyproject.toml",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/",
+        "/static/demo.css/..",
+        "/static/DEMO.CSS",
+    ):
+        data = await answer(service, "GET", root.with_path(path, encoded=True))
+        assert (data["status"], data["code"]) == (404, "NOT_FOUND"), path
+    async with service.session.get(service.url("/static/demo.css")) as response:
+        assert response.status == 200
+        assert response.content_type == "text/css"

@@ -15,13 +15,18 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from streamer import keys
+from streamer.app import create_app
+from streamer.config import Settings
 from streamer.feed import MAX_HORIZON
-from tests.conftest import Service, insert_file, token_for
+from streamer.server import server_options
+from tests.conftest import SECRET, Service, insert_file, token_for
 from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
@@ -433,3 +438,39 @@ async def test_anything_under_static_but_its_own_files_is_a_json_404(service: Se
     async with service.session.get(service.url("/static/demo.css")) as response:
         assert response.status == 200
         assert response.content_type == "text/css"
+
+
+async def test_a_client_that_never_finishes_its_headers_is_let_go_while_streams_live_on(
+    database_url: str, db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    # The service as `streamer serve` runs it, with a head timeout short enough to watch.
+    settings = Settings(jwt_secret=SECRET, database_url=database_url, heartbeat_seconds=0.1)
+    app = create_app(settings, database_url)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(**{**server_options(), "keepalive_timeout": 0.5})
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
+    try:
+        await app[keys.LISTENER].ready.wait()
+        async with open_stream(session, str(server.make_url(EVENTS)), token_for(user)) as stream:
+            reader, slow = await asyncio.open_connection(server.host, server.port)
+            head = b"GET /api/files/events HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200
+            let_go = asyncio.create_task(reader.read())
+            # One byte of the head per heartbeat of the live stream, ten a second.
+            sent = 0
+            async with asyncio.timeout(TIMEOUT):
+                while not let_go.done():
+                    await stream.until("heartbeat")
+                    with contextlib.suppress(ConnectionError):
+                        slow.write(head[sent : sent + 1])
+                    sent += 1
+            assert await let_go == b""  # closed, without an answer
+            assert sent < len(head)
+            slow.close()
+            # The stream, older than the head timeout already, lives on and still streams.
+            for _ in range(3):
+                await stream.until("heartbeat")
+            file_id = await insert_file(db, user)
+            assert (await stream.next()).file["id"] == str(file_id)
+    finally:
+        await session.close()
+        await server.close()

@@ -282,9 +282,10 @@ class Hub:
         self.watermark = max(self.watermark, horizon)
 
     def rebase(self, snapshot: Snapshot) -> None:
-        """Follow the database after the listener was down, even back in time: a database
-        restored, or one that lost its last commits in a crash, is behind the cursors
-        already given out. Those get a reset; the cursors given out next must be its own."""
+        """Follow the database once every change `snapshot` saw was dispatched (the listener
+        knows when), even back in time: a database restored, or one that lost its last
+        commits in a crash, is behind the cursors already given out. Those get a reset; the
+        cursors given out next must be its own."""
         if self.watermark > snapshot.xmax:
             self.watermark = snapshot.xmin
         else:
@@ -340,7 +341,6 @@ class Hub:
             # Gone past retention, or the database went back in time: each stream
             # reconnects and gets its own reset + snapshot.
             self.close_all("reset")
-            self.rebase(result.snapshot)
             return
         read_in = result.snapshot
         for owner, item in result.in_order():
@@ -355,7 +355,6 @@ class Hub:
                     ends_row=self.feed.is_terminal(item),
                 )
                 self._publish(owner, envelope)
-        self.advance(result.snapshot.xmin)
 
     # -- heartbeats and stuck writers -----------------------------------------------
 

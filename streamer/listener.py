@@ -17,6 +17,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from uuid import UUID
 
@@ -37,6 +38,7 @@ from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+MARKER = '{"marker":"'  # not a change: see Listener._mark
 CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
@@ -73,6 +75,7 @@ class Listener:
         )
         self._drain: asyncio.Task[None] | None = None
         self.sessions = 0
+        self._marker: tuple[str, Snapshot] | None = None
 
     # -- connection lifecycle -------------------------------------------------------
 
@@ -102,6 +105,7 @@ class Listener:
         self._caught_up = await self._recover()
         self.sessions += 1
         self._release()
+        await self._mark(self._caught_up[0])
         self.ready.set()
         self.metrics.listener_up.set(1)
         log.info("listening on channel %r", CHANNEL)
@@ -115,13 +119,22 @@ class Listener:
         owners = frozenset(self.hub.owners())
         async with self.pool.acquire() as conn:
             if not owners:
-                snapshot = await current_snapshot(conn)
-                self.hub.rebase(snapshot)
-                return snapshot, owners
+                return await current_snapshot(conn), owners
             result = await catch_up(conn, self.feed, list(owners), self.hub.watermark)
         self.hub.dispatch_catch_up(result, self.hub.cursor)
         log.info("listener recovered; %d rows caught up", len(result.rows) + len(result.gone))
         return result.snapshot, owners
+
+    async def _mark(self, snapshot: Snapshot) -> None:
+        """Move the hub's watermark up to `snapshot` once every change it saw has arrived.
+
+        A change committed before the snapshot may still be on its way to this connection;
+        until it is dispatched, a cursor past it would skip it on resume. A marker notified
+        now commits after the snapshot, and notifications arrive in commit order: when the
+        marker arrives, so has everything the snapshot saw."""
+        token = uuid.uuid4().hex
+        self._marker = (token, snapshot)
+        await self.pool.execute("select pg_notify($1, $2)", CHANNEL, MARKER + token + '"}')
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
         """Return when the connection is gone, or does not answer a ping (half-open)."""
@@ -167,6 +180,12 @@ class Listener:
         return owners if snapshot.sees(change.xid) else frozenset()
 
     def _decode(self, payload: str) -> Notification | None:
+        if payload.startswith(MARKER):
+            marker = self._marker
+            if marker is not None and payload == MARKER + marker[0] + '"}':
+                self._marker = None
+                self.hub.rebase(marker[1])
+            return None  # another process's marker, or an old one of ours
         try:
             change = Notification.model_validate_json(payload)
         except ValidationError:

@@ -5,11 +5,12 @@ Each test gets a fresh database cloned from a migrated template, which takes mil
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +167,19 @@ async def insert_file(
         f"insert into files ({', '.join(names)}) values ({placeholders}) returning id", *values
     )
     return file_id
+
+
+async def backend_count(db: asyncpg.Connection) -> int:
+    """Connections to the test database other than `db`'s own."""
+    count: int = await db.fetchval(
+        "select count(*) from pg_stat_activity where datname = current_database()"
+        " and pid <> pg_backend_pid()"
+    )
+    return count
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll an in-process condition every few milliseconds until it holds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)

@@ -11,7 +11,15 @@ import aiohttp
 import pytest
 
 from streamer import feed, keys, streams
-from tests.conftest import Service, insert_file, start_service, stop_service, token_for
+from tests.conftest import (
+    Service,
+    backend_count,
+    insert_file,
+    start_service,
+    stop_service,
+    token_for,
+    wait_until,
+)
 from tests.sse import Event, Stream, open_stream
 
 
@@ -24,20 +32,6 @@ def watch(
 ) -> contextlib.AbstractAsyncContextManager[Stream]:
     """One file's stream; it has no `synced`: its first event is the file's state."""
     return open_stream(service.session, file_url(service, file_id), token_for(user), synced=False)
-
-
-async def backend_count(db) -> int:
-    count: int = await db.fetchval(
-        "select count(*) from pg_stat_activity where datname = current_database()"
-        " and pid <> pg_backend_pid()"
-    )
-    return count
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def test_a_file_goes_from_pending_through_progress_to_ready_and_the_stream_ends(

@@ -6,27 +6,11 @@ import asyncio
 import contextlib
 import uuid
 
-import asyncpg
-
 from streamer import keys
-from tests.conftest import Service, insert_file, token_for
+from tests.conftest import Service, backend_count, insert_file, token_for, wait_until
 from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
-
-
-async def backend_count(db: asyncpg.Connection) -> int:
-    count: int = await db.fetchval(
-        "select count(*) from pg_stat_activity where datname = current_database()"
-        " and pid <> pg_backend_pid()"
-    )
-    return count
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_two_hundred_streams_opened_and_closed_leave_nothing_behind(

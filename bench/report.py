@@ -187,7 +187,8 @@ def latency_section(latency: dict[str, Any]) -> list[str]:
     )  # fmt: skip
     lines += [
         "",
-        "*added*: for the service and the relay, a bare LISTEN ran beside them during the same "
+        "*others' CPU*: as in the fan-out table below. *added*: for the service and the "
+        "relay, a bare LISTEN ran beside them during the same "
         "phase; per event, its arrival at the client minus that LISTEN's arrival of the same "
         "notification: what the design adds over the floor, commit by commit. The *relay* "
         "(bench/relay.py, a diagnostic) is the least a relay process can do: json.loads, one "
@@ -230,7 +231,10 @@ def fanout_section(fanout: dict[str, Any]) -> list[str]:
     )  # fmt: skip
     lines += [
         "",
-        "CPU columns: percent of one core, over the step (the machine has two cores in all).",
+        "CPU columns: percent of one core, over the step (the machine has two cores in "
+        "all). *others*: CPU time not charged to any process of the run: other people's "
+        "processes, and kernel work such as loopback network softirqs (large under the naive "
+        "design's hundreds of connections).",
     ]
     for design in ("service", "naive"):
         best = fanout[design]["best"]

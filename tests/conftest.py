@@ -6,6 +6,7 @@ Each test gets a fresh database cloned from a migrated template, which takes mil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import tempfile
@@ -78,8 +79,9 @@ def template(postgres: PostgresServer) -> Iterator[str]:
         )
 
 
-@pytest.fixture
-def database_url(postgres: PostgresServer, template: str) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database(postgres: PostgresServer, template: str) -> Iterator[str]:
+    """A database of its own, cloned from the migrated template, dropped afterwards."""
     name = f"streamer_test_{os.getpid()}_{next(_counter)}"
     with postgres.admin() as conn:
         conn.execute(
@@ -87,11 +89,19 @@ def database_url(postgres: PostgresServer, template: str) -> Iterator[str]:
                 sql.Identifier(name), sql.Identifier(template)
             )
         )
-    yield with_database(postgres.admin_url, name)
-    with postgres.admin() as conn:
-        conn.execute(
-            sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-        )
+    try:
+        yield with_database(postgres.admin_url, name)
+    finally:
+        with postgres.admin() as conn:
+            conn.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def database_url(postgres: PostgresServer, template: str) -> Iterator[str]:
+    with fresh_database(postgres, template) as url:
+        yield url
 
 
 @pytest.fixture

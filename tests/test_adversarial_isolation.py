@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
-import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,24 +32,22 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from tests.conftest import (
     PostgresServer,
     Service,
+    fresh_database,
     insert_file,
     start_service,
     stop_service,
     token_for,
 )
-from tests.conftest import with_database as database_at
 from tests.sse import open_stream
 
 USERS = 4
 TIMEOUT = 10.0
 BIG = 9000  # an error_message this long does not fit a notification: the row is read back
 TERMINAL = ("ready", "failed")
-_databases = itertools.count()
 
 
 # -- the story ----------------------------------------------------------------------------
@@ -516,24 +512,6 @@ async def assert_converged(world: World, watcher: Watcher) -> None:
 
 
 # -- the test -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_database(postgres: PostgresServer, template: str) -> Iterator[str]:
-    name = f"streamer_isolation_{os.getpid()}_{next(_databases)}"
-    with postgres.admin() as conn:
-        conn.execute(
-            sql.SQL("create database {} template {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
-    try:
-        yield database_at(postgres.admin_url, name)
-    finally:
-        with postgres.admin() as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
 
 
 @contextlib.asynccontextmanager

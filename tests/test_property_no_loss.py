@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,23 +17,21 @@ from typing import Any
 import asyncpg
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from psycopg import sql
 
 from streamer import keys
 from tests.conftest import (
     PostgresServer,
     Service,
+    fresh_database,
     insert_file,
     start_service,
     stop_service,
     token_for,
-    with_database,
 )
 from tests.sse import Stream
 
 USERS = 3
 EVENTS = "/api/files/events"
-_databases = itertools.count()
 
 user_index = st.integers(0, USERS - 1)
 file_index = st.integers(0, 1000)
@@ -217,17 +213,5 @@ async def scenario(url: str, ops: list[Op]) -> None:
 def test_every_client_ends_up_with_exactly_its_users_rows(
     postgres: PostgresServer, template: str, ops: list[Op]
 ):
-    name = f"streamer_property_{os.getpid()}_{next(_databases)}"
-    with postgres.admin() as conn:
-        conn.execute(
-            sql.SQL("create database {} template {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
-    try:
-        asyncio.run(scenario(with_database(postgres.admin_url, name), ops))
-    finally:
-        with postgres.admin() as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
+    with fresh_database(postgres, template) as url:
+        asyncio.run(scenario(url, ops))

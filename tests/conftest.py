@@ -80,15 +80,15 @@ def template(postgres: PostgresServer) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def fresh_database(postgres: PostgresServer, template: str) -> Iterator[str]:
-    """A database of its own, cloned from the migrated template, dropped afterwards."""
+def fresh_database(postgres: PostgresServer, template: str | None) -> Iterator[str]:
+    """A database of its own, dropped afterwards: a clone of the migrated template, or
+    empty when `template` is None."""
     name = f"streamer_test_{os.getpid()}_{next(_counter)}"
+    create = sql.SQL("create database {}").format(sql.Identifier(name))
+    if template is not None:
+        create += sql.SQL(" template {}").format(sql.Identifier(template))
     with postgres.admin() as conn:
-        conn.execute(
-            sql.SQL("create database {} template {}").format(
-                sql.Identifier(name), sql.Identifier(template)
-            )
-        )
+        conn.execute(create)
     try:
         yield with_database(postgres.admin_url, name)
     finally:

@@ -3,33 +3,11 @@ schema, and applying it again changes nothing."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 import subprocess
-from collections.abc import Iterator
-
-from psycopg import sql
 
 from streamer.db import migrate, migrations
 from streamer.embedded import POSTGRES_BIN_PATH
-from tests.conftest import PostgresServer, with_database
-
-_names = itertools.count()
-
-
-@contextlib.contextmanager
-def empty_database(postgres: PostgresServer) -> Iterator[str]:
-    name = f"streamer_empty_{os.getpid()}_{next(_names)}"
-    with postgres.admin() as conn:
-        conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    try:
-        yield with_database(postgres.admin_url, name)
-    finally:
-        with postgres.admin() as conn:
-            conn.execute(
-                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
-            )
+from tests.conftest import fresh_database
 
 
 def schema(url: str) -> str:
@@ -53,7 +31,7 @@ def psql_files(url: str) -> None:
 
 
 def test_migrate_applies_each_file_once_and_a_second_run_changes_nothing(postgres):
-    with empty_database(postgres) as url:
+    with fresh_database(postgres, None) as url:
         assert migrate(url) == [path.name for path in migrations()]
         first = schema(url)
         assert "streamer_notify" in first and "files_touch_updated_at" in first
@@ -62,14 +40,14 @@ def test_migrate_applies_each_file_once_and_a_second_run_changes_nothing(postgre
 
 
 def test_psql_f_of_each_file_in_order_gives_the_same_schema_as_migrate(postgres):
-    with empty_database(postgres) as by_runner, empty_database(postgres) as by_psql:
+    with fresh_database(postgres, None) as by_runner, fresh_database(postgres, None) as by_psql:
         migrate(by_runner)
         psql_files(by_psql)
         assert schema(by_psql) == schema(by_runner)
 
 
 def test_running_the_files_again_with_psql_changes_nothing(postgres):
-    with empty_database(postgres) as url:
+    with fresh_database(postgres, None) as url:
         psql_files(url)
         first = schema(url)
         psql_files(url)

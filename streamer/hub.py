@@ -80,10 +80,6 @@ class Subscriber:
         self.backlog_since: float | None = None  # when its connection last had unsent bytes
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
-    @property
-    def live(self) -> bool:
-        return self._transport is not None
-
     def push(self, envelope: Envelope) -> bool:
         """Take an envelope; False when it overflowed the set-up queue and the stream was cut."""
         if self.closed is not None or self._last:
@@ -197,6 +193,9 @@ class Hub:
     @property
     def cursor(self) -> str:
         return format_cursor(self.watermark)
+
+    def serves(self, owner: UUID) -> bool:
+        return owner in self._by_owner
 
     def owners(self) -> list[UUID]:
         return list(self._by_owner)
@@ -314,7 +313,7 @@ class Hub:
         if current is None:
             return
         owner, row = current
-        if owner != change.owner or owner not in self._by_owner:
+        if owner != change.owner or not self.serves(owner):
             return
         assert isinstance(row, self.feed.row_model)
         if row.version != change.version:

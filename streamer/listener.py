@@ -204,7 +204,7 @@ class Listener:
             told = self._already_told(change)
             if {change.owner, change.old_owner or change.owner} <= told:
                 continue
-            if change.op == "u" and change.row is None:
+            if change.op == "u" and change.row is None and self.hub.serves(change.owner):
                 self._drain = asyncio.create_task(self._dispatch_slow(change, told))
                 return
             self._dispatch(change, None, told)
@@ -231,7 +231,9 @@ class Listener:
         self.metrics.notifications.inc()
         if change.at is not None:
             self.metrics.notification_lag.observe(max(0.0, time.time() - change.at))
-        if change.op == "u" and change.row is not None:
+        # A process receives every change; rows of owners it has no stream for are not
+        # decoded (a delete for an old owner still goes out).
+        if change.op == "u" and change.row is not None and self.hub.serves(change.owner):
             try:
                 current = (change.owner, self.feed.row_model.model_validate(change.row))
             except ValidationError:

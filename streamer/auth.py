@@ -90,8 +90,10 @@ class Authenticator:
             self._session = None
 
     def token_from(self, request: web.Request) -> str:
-        """The request's token: Authorization header, then query parameter, then cookie."""
-        found: list[str] = []
+        """The request's token: Authorization header, then query parameter, then cookie.
+
+        The first place that holds a token decides: a stale cookie left beside a fresh
+        header or query token must not refuse the request (a browser would loop on it)."""
         malformed_header: str | None = None
         for value in request.headers.getall(hdrs.AUTHORIZATION, []):
             scheme, _, credentials = value.strip().partition(" ")
@@ -103,25 +105,18 @@ class Authenticator:
             elif not credentials:
                 raise TokenInvalid("The Authorization header carries an empty bearer token.")
             else:
-                found.append(credentials)
+                return credentials
         for value in request.query.getall(QUERY_PARAMETER, []):
             if not value.strip():
                 raise TokenInvalid(f"The {QUERY_PARAMETER} parameter is empty.")
-            found.append(value.strip())
+            return value.strip()
         # An empty cookie is how a logout clears it: the same as no cookie.
         cookie = request.cookies.get(self._cookie, "").strip()
         if cookie:
-            found.append(cookie)
-
-        if not found:
-            if malformed_header is not None:
-                raise TokenInvalid(malformed_header)
-            raise AuthRequired()
-        if any(token != found[0] for token in found[1:]):
-            raise TokenInvalid(
-                "The request carries conflicting tokens; send one token in one place."
-            )
-        return found[0]
+            return cookie
+        if malformed_header is not None:
+            raise TokenInvalid(malformed_header)
+        raise AuthRequired()
 
     async def authenticate(self, request: web.Request) -> Principal:
         return await self.verify(self.token_from(request))

@@ -63,3 +63,19 @@ async def test_a_valid_token_in_the_header_opens_the_stream(service: Service, us
     headers = {"Authorization": f"Bearer {token_for(user)}"}
     async with service.session.get(service.url(EVENTS), headers=headers) as response:
         assert response.status == 200
+
+
+@pytest.mark.parametrize("fresh_in", ["header", "query"])
+async def test_a_stale_cookie_beside_a_fresh_token_does_not_refuse_the_stream(
+    service: Service, user, fresh_in: str
+):
+    stale = forged({"sub": str(user), "exp": time.time() - 60})
+    request: dict[str, object] = {"headers": {"Cookie": f"access_token={stale}"}}
+    if fresh_in == "header":
+        request["headers"] = {"Cookie": f"access_token={stale}"} | {
+            "Authorization": f"Bearer {token_for(user)}"
+        }
+    else:
+        request["params"] = {"access_token": token_for(user)}
+    async with service.session.get(service.url(EVENTS), **request) as response:  # type: ignore[arg-type]
+        assert response.status == 200

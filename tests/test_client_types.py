@@ -1,30 +1,55 @@
 """The browser client's TypeScript types say exactly what the server sends.
 
-streamer-client.d.ts is written by hand; these tests read it and compare every event
-interface (and the file inside) with the pydantic models in streamer/events.py, field by
-field and type by type, so neither side can gain, lose or retype a field alone.
+streamer-client.d.ts is written by hand; these tests read it and compare it, field by field
+and type by type, with what defines each event: the pydantic models of the stream's own
+events (streamer/events.py), the `files` table for the file a `file-update` carries, and the
+frames the server really builds for a row's events. Neither side can gain, lose or retype a
+field alone.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from uuid import UUID
+from typing import Any
 
+import psycopg
 import pytest
 from pydantic import BaseModel, create_model
 
 from streamer import events
+from streamer.feed import FILES, Row
 
 DTS = Path(events.__file__).parent / "static" / "streamer-client.d.ts"
-EVENT_MODELS: tuple[type[BaseModel], ...] = typing.get_args(events.Event)
+EVENT_MODELS: tuple[type[events.Event], ...] = typing.get_args(events.Event)
+# The row's events, by the interface that describes them.
+ROW_EVENTS = {
+    f"{FILES.event}-update": "FileUpdateEvent",
+    f"{FILES.event}-deleted": "FileDeletedEvent",
+}
 
 # A TypeScript type, as the set of its union members: `string | null` is {"string", "null"}.
 TsType = frozenset[str]
+# A JSON object the server sends, as its fields' TypeScript types.
+Fields = dict[str, TsType]
+
+# How Postgres renders a column's type in JSON (to_jsonb), in TypeScript.
+TS_OF_POSTGRES = {
+    "uuid": "string",
+    "text": "string",
+    "timestamp with time zone": "string",
+    "integer": "number",
+    "bigint": "number",
+}
+# A text column whose values a check constraint lists: those, and any string a later
+# migration may allow.
+OPEN_STRING = "(string & {})"
 
 
 @dataclass(frozen=True)
@@ -73,21 +98,44 @@ class Declarations:
         return frozenset(result)
 
 
-def json_name(model: type[BaseModel], name: str) -> str:
-    field = model.model_fields[name]
-    return field.serialization_alias or field.alias or name
+def show(ts: TsType) -> str:
+    return " | ".join(sorted(ts))
 
 
-def expected_members(annotation: object) -> TsType:
+def mismatches(
+    expected: Fields, source: str, interface: str, declarations: Declarations
+) -> list[str]:
+    """Every way the interface differs from the fields `source` defines."""
+    if interface not in declarations.interfaces:
+        return [f"{interface}: no such interface in {DTS.name}"]
+    declared = declarations.interfaces[interface]
+    # A field this reader cannot parse must not hide from the comparison.
+    problems = [f"{interface}: cannot read {line!r}" for line in declarations.unreadable[interface]]
+    problems += [f"{interface}: field {f!r} is not in {source}" for f in declared.keys() - expected]
+    problems += [f"{interface}: field {f!r} is missing" for f in expected.keys() - declared]
+    for name in sorted(expected.keys() & declared.keys()):
+        ts, optional = declared[name]
+        if optional:
+            problems.append(f"{interface}: {name} is optional, but the server always sends it")
+        got, want = declarations.members(ts), expected[name]
+        if got != want:
+            problems.append(f"{interface}: {name} is {show(got)}, expected {show(want)}")
+    return problems
+
+
+# -- what each side of the comparison says -------------------------------------------
+
+
+def ts_of_python(annotation: object) -> TsType:
     """The TypeScript a field of this Python type must have, as union members."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return frozenset().union(*(expected_members(arg) for arg in typing.get_args(annotation)))
+        return frozenset().union(*(ts_of_python(arg) for arg in typing.get_args(annotation)))
     if origin is typing.Literal:
-        return frozenset(f'"{value}"' for value in typing.get_args(annotation))
+        return frozenset(json.dumps(value) for value in typing.get_args(annotation))
     if annotation is type(None):
         return frozenset({"null"})
-    if annotation in (str, UUID, datetime):  # a UUID and a datetime travel as JSON strings
+    if annotation in (str, datetime):  # a datetime travels as a JSON string
         return frozenset({"string"})
     if annotation in (int, float):
         return frozenset({"number"})
@@ -96,31 +144,97 @@ def expected_members(annotation: object) -> TsType:
     raise AssertionError(f"no TypeScript equivalent known for {annotation!r}")
 
 
-def mismatches(model: type[BaseModel], interface: str, declarations: Declarations) -> list[str]:
-    """Every way the interface differs from the model; nested models are compared too."""
-    where = f"{interface} (model {model.__name__})"
-    if interface not in declarations.interfaces:
-        return [f"{where}: no such interface in {DTS.name}"]
-    declared = declarations.interfaces[interface]
-    # A field this reader cannot parse must not hide from the comparison.
-    problems = [f"{where}: cannot read {line!r}" for line in declarations.unreadable[interface]]
-    fields = {json_name(model, name): info.annotation for name, info in model.model_fields.items()}
-    problems += [f"{where}: field {f!r} is not in the model" for f in declared.keys() - fields]
-    problems += [f"{where}: field {f!r} is missing" for f in fields.keys() - declared.keys()]
-    for name in sorted(fields.keys() & declared.keys()):
-        ts, optional = declared[name]
-        annotation = fields[name]
-        if optional:
-            problems.append(f"{where}: {name} is optional, but the server always sends it")
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            problems += mismatches(annotation, ts.strip(), declarations)
-            continue
-        got, want = declarations.members(ts), expected_members(annotation)
-        if got != want:
-            problems.append(
-                f"{where}: {name} is {' | '.join(sorted(got))}, expected {' | '.join(sorted(want))}"
-            )
+def model_fields(model: type[BaseModel]) -> Fields:
+    return {
+        info.serialization_alias or info.alias or name: ts_of_python(info.annotation)
+        for name, info in model.model_fields.items()
+    }
+
+
+def table_fields(database_url: str) -> Fields:
+    """The `files` table's columns as a stream sends them: all but the owner column."""
+    with psycopg.connect(database_url) as conn:
+        columns = conn.execute(
+            "select column_name, data_type, is_nullable = 'YES' from information_schema.columns"
+            " where table_schema = current_schema() and table_name = %s and column_name <> %s",
+            (FILES.name, FILES.owner_column),
+        ).fetchall()
+        checks = conn.execute(
+            "select a.attname, pg_get_constraintdef(c.oid) from pg_constraint c"
+            " join pg_attribute a on a.attrelid = c.conrelid and a.attnum = c.conkey[1]"
+            " where c.conrelid = %s::regclass and c.contype = 'c' and cardinality(c.conkey) = 1",
+            (FILES.name,),
+        ).fetchall()
+    # `status in ('pending', ...)` reads back as `status = ANY (ARRAY['pending'::text, ...])`.
+    known: dict[str, list[str]] = {}
+    for column, check in checks:
+        listed = re.search(r"= ANY \(ARRAY\[(.*)\]\)", check)
+        if listed:
+            known[column] = re.findall(r"'((?:[^']|'')*)'::text", listed.group(1))
+    fields: Fields = {}
+    for column, data_type, nullable in columns:
+        if data_type == "text" and column in known:
+            ts = {json.dumps(value.replace("''", "'")) for value in known[column]} | {OPEN_STRING}
+        elif data_type in TS_OF_POSTGRES:
+            ts = {TS_OF_POSTGRES[data_type]}
+        else:
+            raise AssertionError(f"no TypeScript equivalent known for {column} {data_type}")
+        fields[column] = frozenset(ts | {"null"} if nullable else ts)
+    return fields
+
+
+def ts_of_json(value: object) -> TsType:
+    """The union members that accept a JSON value the server sent."""
+    if value is None:
+        return frozenset({"null"})
+    if isinstance(value, bool):
+        return frozenset({"boolean"})
+    if isinstance(value, int | float):
+        return frozenset({"number"})
+    if isinstance(value, str):
+        return frozenset({"string", OPEN_STRING, json.dumps(value)})
+    raise AssertionError(f"no TypeScript equivalent known for {value!r}")
+
+
+def sent_mismatches(value: Any, ts: str, where: str, declarations: Declarations) -> list[str]:
+    """Every way a JSON value the server sent differs from a TypeScript type."""
+    interface = declarations.interfaces.get(ts.strip())
+    if interface is None:
+        if ts_of_json(value) & declarations.members(ts):
+            return []
+        return [f"{where} is {value!r}, not {ts}"]
+    if not isinstance(value, dict):
+        return [f"{where} is {value!r}, not an object ({ts})"]
+    problems = [f"{where}.{key} is sent but not in {ts}" for key in value.keys() - interface]
+    problems += [f"{where}.{key} is in {ts} but not sent" for key in interface.keys() - value]
+    for key in sorted(value.keys() & interface.keys()):
+        problems += sent_mismatches(value[key], interface[key][0], f"{where}.{key}", declarations)
     return problems
+
+
+def sent(frame: bytes) -> tuple[str, Any]:
+    """The event name and the data of one SSE message, as a browser's EventSource reads it."""
+    lines = dict(line.split(": ", 1) for line in frame.decode().splitlines() if line)
+    return lines["event"], json.loads(lines["data"])
+
+
+def a_files_row(database_url: str) -> Row:
+    """A row of `files` as a stream sends it, every nullable column filled."""
+    row_id = str(uuid.uuid4())
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "insert into files (id, user_id, filename, file_type, status, progress,"
+            " processing_stage, error_message) values (%s, gen_random_uuid(), 'report.pdf',"
+            " 'pdf', 'processing', 50, 'compression', 'disk full')",
+            (row_id,),
+        )
+        record = conn.execute(
+            "select user_id::text, version, streamer.files_row(f) from files f where id = %s",
+            (row_id,),
+        ).fetchone()
+    assert record is not None
+    owner, version, rendered = record
+    return Row(owner, row_id, version, rendered, terminal=False)
 
 
 def event_type(model: type[BaseModel]) -> str:
@@ -134,18 +248,38 @@ def declarations() -> Declarations:
     return Declarations.parse(DTS.read_text())
 
 
+# -- the tests ------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize("model", EVENT_MODELS, ids=lambda model: model.__name__)
-def test_each_event_interface_has_exactly_the_fields_and_types_of_its_model(
+def test_each_stream_event_interface_has_exactly_the_fields_and_types_of_its_model(
     model: type[BaseModel], declarations: Declarations
 ):
-    assert mismatches(model, model.__name__, declarations) == []
+    source = f"model {model.__name__}"
+    assert mismatches(model_fields(model), source, model.__name__, declarations) == []
 
 
-def test_the_streamed_file_interface_has_exactly_the_fields_and_types_of_the_model(
-    declarations: Declarations,
+def test_the_streamed_file_interface_has_exactly_the_columns_and_types_of_the_files_table(
+    database_url: str, declarations: Declarations
 ):
-    assert mismatches(events.StreamedFile, "StreamedFile", declarations) == []
-    assert "StreamedFile" in declarations.interfaces["FileUpdateEvent"]["file"][0]
+    fields = table_fields(database_url)
+    assert mismatches(fields, "table files", "StreamedFile", declarations) == []
+
+
+def test_every_frame_the_server_builds_matches_the_interface_of_its_event_name(
+    database_url: str, declarations: Declarations
+):
+    frames = [
+        FILES.update_frame(a_files_row(database_url), "7"),
+        FILES.deleted_frame(str(uuid.uuid4()), "7"),
+        *(events.frame(model(timestamp=events.now())) for model in EVENT_MODELS),
+    ]
+    event_map = declarations.interfaces["StreamEventMap"]
+    problems = []
+    for name, data in map(sent, frames):
+        assert data["eventType"] == name
+        problems += sent_mismatches(data, event_map[name][0], name, declarations)
+    assert problems == []
 
 
 def test_the_event_map_names_every_event_the_server_sends_and_no_other(
@@ -154,28 +288,50 @@ def test_the_event_map_names_every_event_the_server_sends_and_no_other(
     event_map = declarations.interfaces["StreamEventMap"]
     assert {name: ts for name, (ts, _optional) in event_map.items()} == {
         event_type(model): model.__name__ for model in EVENT_MODELS
-    }
+    } | ROW_EVENTS
 
 
-def test_a_field_added_on_either_side_is_noticed(declarations: Declarations):
-    # The comparison itself can fail: a field only in Python, or only in TypeScript.
-    grown = create_model("StreamedFile", __base__=events.StreamedFile, checksum=(str, ...))
-    assert mismatches(grown, "StreamedFile", declarations) == [
-        "StreamedFile (model StreamedFile): field 'checksum' is missing"
+def test_a_field_added_or_retyped_on_either_side_is_noticed(
+    database_url: str, declarations: Declarations
+):
+    # The comparison itself can fail: a field only on the server's side, or only in TypeScript.
+    grown = create_model("HeartbeatEvent", __base__=events.HeartbeatEvent, checksum=(str, ...))
+    assert mismatches(model_fields(grown), "model", "HeartbeatEvent", declarations) == [
+        "HeartbeatEvent: field 'checksum' is missing"
     ]
-    text = DTS.read_text().replace(
-        "  version: number;\n", "  version: number;\n  owner_id: string;\n", 1
-    )
-    assert mismatches(events.StreamedFile, "StreamedFile", Declarations.parse(text)) == [
-        "StreamedFile (model StreamedFile): field 'owner_id' is not in the model"
+    table = table_fields(database_url)
+
+    def streamed_file(text: str) -> list[str]:
+        return mismatches(table, "table files", "StreamedFile", Declarations.parse(text))
+
+    dts = DTS.read_text()
+    assert streamed_file(
+        dts.replace("  version: number;\n", "  version: number;\n  owner_id: string;\n", 1)
+    ) == ["StreamedFile: field 'owner_id' is not in table files"]
+    assert streamed_file(dts.replace("  version: number;\n", "  version:\n    number;\n", 1)) == [
+        "StreamedFile: cannot read 'version:'",
+        "StreamedFile: cannot read 'number;'",
+        "StreamedFile: field 'version' is missing",
     ]
-    split = DTS.read_text().replace("  version: number;\n", "  version:\n    number;\n", 1)
-    assert mismatches(events.StreamedFile, "StreamedFile", Declarations.parse(split)) == [
-        "StreamedFile (model StreamedFile): cannot read 'version:'",
-        "StreamedFile (model StreamedFile): cannot read 'number;'",
-        "StreamedFile (model StreamedFile): field 'version' is missing",
+    assert streamed_file(
+        dts.replace("  error_message: string | null;", "  error_message: string;")
+    ) == ["StreamedFile: error_message is string, expected null | string"]
+    # A status type closed to values a migration adds is noticed too.
+    assert streamed_file(dts.replace(f" | {OPEN_STRING};", ";", 1)) == [
+        'StreamedFile: status is "failed" | "pending" | "processing" | "ready", expected'
+        ' "failed" | "pending" | "processing" | "ready" | (string & {})'
     ]
-    retyped = DTS.read_text().replace("  error_message: string | null;", "  error_message: string;")
-    assert mismatches(events.StreamedFile, "StreamedFile", Declarations.parse(retyped)) == [
-        "StreamedFile (model StreamedFile): error_message is string, expected null | string"
+
+
+def test_a_column_added_to_the_table_is_noticed_in_its_columns_and_in_the_frames(
+    database_url: str, declarations: Declarations
+):
+    with psycopg.connect(database_url) as conn:
+        conn.execute("alter table files add column checksum text")
+    assert mismatches(table_fields(database_url), "table files", "StreamedFile", declarations) == [
+        "StreamedFile: field 'checksum' is missing"
+    ]
+    name, data = sent(FILES.update_frame(a_files_row(database_url), "7"))
+    assert sent_mismatches(data, "FileUpdateEvent", name, declarations) == [
+        "file-update.file.checksum is sent but not in StreamedFile"
     ]

@@ -1,13 +1,21 @@
 // Types for streamer-client.js. Field names are exactly those of the wire format
-// (SPEC.md, "GET /api/files/events"); a test compares them with the Python models.
+// (SPEC.md, "GET /api/files/events"); a test compares them with the Python models, the
+// `files` table and the frames the server builds.
 
-/** A row's processing status, as in the `files` table. */
-export type FileStatus = "pending" | "processing" | "ready" | "failed";
+/**
+ * A row's processing status: the values the `files` table allows today, and any string,
+ * since the table may allow a new one while a page is open. `(string & {})` keeps the
+ * known values in an editor's completions, where a plain `string` would swallow them.
+ */
+export type FileStatus = "pending" | "processing" | "ready" | "failed" | (string & {});
 
 /** The state of a store's connection. */
 export type ConnectionStatus = "connecting" | "live" | "reconnecting" | "expired" | "closed";
 
-/** A file's current state, as carried by `file-update`. Timestamps are ISO 8601 strings. */
+/**
+ * A file's current state, as carried by `file-update`: its row of `files` as Postgres renders
+ * it in JSON, without `user_id`, plus `version`. Timestamps are ISO 8601 strings in UTC.
+ */
 export interface StreamedFile {
   id: string;
   filename: string;

@@ -1,4 +1,5 @@
-"""What a client receives: one pydantic model per event, and SSE framing.
+"""What a client receives, and SSE framing: a pydantic model per event of the stream
+itself, and rows' events with the row's JSON spliced in as Postgres rendered it.
 
 Each event is encoded once, as the bytes of a whole SSE message, and those bytes are
 shared by every stream it goes to.
@@ -8,9 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Literal
-from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PlainSerializer
+from pydantic import AfterValidator, BaseModel, PlainSerializer
 
 
 def _utc(value: datetime) -> datetime:
@@ -27,39 +27,6 @@ UtcDatetime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(_iso, re
 
 def now() -> UtcDatetime:
     return datetime.now(UTC)
-
-
-class StreamedFile(BaseModel):
-    """A row of `files` as its owner sees it (no owner column)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    id: UUID
-    filename: str
-    file_type: str | None
-    status: Literal["pending", "processing", "ready", "failed"]
-    progress: int
-    processing_stage: str | None
-    error_message: str | None
-    created_at: UtcDatetime
-    updated_at: UtcDatetime
-    version: int
-
-
-class FileRef(BaseModel):
-    id: UUID
-
-
-class FileUpdateEvent(BaseModel):
-    eventType: Literal["file-update"] = "file-update"
-    timestamp: UtcDatetime
-    file: StreamedFile
-
-
-class FileDeletedEvent(BaseModel):
-    eventType: Literal["file-deleted"] = "file-deleted"
-    timestamp: UtcDatetime
-    file: FileRef
 
 
 class HeartbeatEvent(BaseModel):
@@ -82,14 +49,7 @@ class TokenExpiredEvent(BaseModel):
     timestamp: UtcDatetime
 
 
-Event = (
-    FileUpdateEvent
-    | FileDeletedEvent
-    | HeartbeatEvent
-    | SyncedEvent
-    | ResetEvent
-    | TokenExpiredEvent
-)
+Event = HeartbeatEvent | SyncedEvent | ResetEvent | TokenExpiredEvent
 
 
 def frame(event: Event, cursor: str | None = None) -> bytes:
@@ -98,6 +58,20 @@ def frame(event: Event, cursor: str | None = None) -> bytes:
     if cursor is not None:
         head += f"id: {cursor}\n"
     return head.encode() + b"data: " + event.model_dump_json().encode() + b"\n\n"
+
+
+def row_frame(name: bytes, key: bytes, value: str, cursor: str) -> bytes:
+    """A row's event (`file-update`, `file-deleted`): `value` is JSON as Postgres rendered
+    it, spliced in as it is. Postgres escapes newlines in JSON, so it stays one line."""
+    timestamp = _iso(now()).encode()
+    return b'event: %b\nid: %b\ndata: {"eventType":"%b","timestamp":"%b","%b":%b}\n\n' % (
+        name,
+        cursor.encode(),
+        name,
+        timestamp,
+        key,
+        value.encode(),
+    )
 
 
 def retry_frame(milliseconds: int) -> bytes:

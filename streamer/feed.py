@@ -1,82 +1,157 @@
-"""What a change is: the feed's configuration, notification decoding, cursors and catch-up.
+"""What a change is: a feed's configuration, the signed envelope we route on, cursors and
+catch-up reads.
 
-A feed is a table with a uuid `id` and an owner column, turned into one by
-`streamer.enable_feed(table, owner_column)` in SQL. Everything the service knows about
-`files` is the `FILES` value below; another table streams the same way with another Feed.
+A feed is a table turned into one by `streamer.enable_feed(...)` in SQL (sql/003_feeds.sql).
+Its rows pass through: the trigger, or `streamer.<feed>_row` for a read, renders a row as
+Postgres renders JSON, and that text is spliced into the event. The service validates only
+the envelope it routes on (owner, id, version, cursor fields), so a new column, a new
+status value or a widened type never stops a stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
-from uuid import UUID
+import hashlib
+import hmac
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import asyncpg
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from streamer.errors import InvalidCursor
-from streamer.events import (
-    Event,
-    FileDeletedEvent,
-    FileRef,
-    FileUpdateEvent,
-    StreamedFile,
-    now,
-)
+from streamer.events import row_frame
 
 CHANNEL = "streamer"
 # A version is never below its writer's transaction id times this (see sql/002_feed.sql).
 VERSION_SCALE = 1024
 MAX_CURSOR_DIGITS = 19
 BIGINT_MAX = 2**63 - 1
-# A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS. Any
-# role connected to the database can NOTIFY the channel: a horizon beyond this is forged,
-# and would have every later event carry a cursor that this server itself rejects.
+# A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS.
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
+SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
 
 
 @dataclass(frozen=True)
 class Feed:
-    name: str  # the table, and the `f` of its notifications
-    owner_column: str
-    row_model: type[StreamedFile]
-    update_event: Callable[[StreamedFile], Event]
-    delete_event: Callable[[UUID], Event]
-    is_terminal: Callable[[StreamedFile], bool]
-    columns: tuple[str, ...] = field(init=False)
+    """A row of `streamer.feeds`: which table, whose rows, and how its events are named."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "columns", tuple(self.row_model.model_fields))
+    name: str  # the table, the `f` of its notifications, /api/<name>/events
+    owner_column: str
+    event: str  # <event>-update, <event>-deleted, data key <event>
+    terminal: str | None = None  # an SQL expression over the row: ends a one-row stream
+    id_type: Literal["uuid", "bigint", "text"] = "uuid"
+    owner_type: Literal["uuid", "text"] = "uuid"
+
+    def update_frame(self, row: Row, cursor: str) -> bytes:
+        return row_frame(f"{self.event}-update".encode(), self.event.encode(), row.json, cursor)
+
+    def deleted_frame(self, row_id: str, cursor: str) -> bytes:
+        """`{"id": ...}` with the id as Postgres renders it in JSON: a number for bigints."""
+        value = row_id if self.id_type == "bigint" else json.dumps(row_id)
+        return row_frame(
+            f"{self.event}-deleted".encode(), self.event.encode(), '{"id":' + value + "}", cursor
+        )
 
     @property
-    def select_list(self) -> str:
-        return ", ".join(f'"{c}"' for c in self.columns)
+    def terminal_sql(self) -> str:
+        return f"coalesce(({self.terminal})::boolean, false)" if self.terminal else "false"
+
+    def select(self, where: str) -> str:
+        """Rows as streams send them, with what the service routes on."""
+        return (
+            f'select streamer."{self.name}_row"(r) as row, r."{self.owner_column}"::text as owner,'
+            f" r.id::text as id, r.version, {self.terminal_sql} as terminal"
+            f' from "{self.name}" r where {where}'
+        )
+
+    def owner_in(self, param: str) -> str:
+        """The owner column among `param` (a text[]), compared in the column's own type so
+        that an index on it is used."""
+        return f'r."{self.owner_column}" = any({param}::text[]::{self.owner_type}[])'
 
 
 FILES = Feed(
     name="files",
     owner_column="user_id",
-    row_model=StreamedFile,
-    update_event=lambda row: FileUpdateEvent(timestamp=now(), file=row),
-    delete_event=lambda row_id: FileDeletedEvent(timestamp=now(), file=FileRef(id=row_id)),
-    is_terminal=lambda row: row.status in ("ready", "failed"),
+    event="file",
+    terminal="status in ('ready', 'failed')",
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A row as its owner's streams send it: the JSON Postgres rendered, untouched."""
+
+    owner: str
+    id: str
+    version: int
+    json: str
+    terminal: bool
+
+    @classmethod
+    def of(cls, record: asyncpg.Record) -> Row:
+        return cls(
+            record["owner"], record["id"], record["version"], record["row"], record["terminal"]
+        )
+
+
 class Notification(BaseModel):
-    """The payload a feed trigger sends; always under 8000 bytes."""
+    """The envelope a feed trigger signs and sends; the row, when it fits, follows it."""
 
     feed: str = Field(alias="f")
-    op: Literal["u", "d"] = Field(alias="o")
-    id: UUID
-    owner: UUID = Field(alias="u")
-    old_owner: UUID | None = Field(default=None, alias="ou")
-    version: int = Field(alias="v", ge=0, le=BIGINT_MAX)
+    op: Literal["u", "d", "t"] = Field(alias="o")  # update (or insert), delete, truncate
+    id: str | int | None = None
+    owner: str | None = Field(default=None, alias="u")
+    old_owner: str | None = Field(default=None, alias="ou")
+    version: int = Field(default=0, alias="v", ge=0, le=BIGINT_MAX)
     xid: int = Field(alias="x", ge=0, le=BIGINT_MAX)
     horizon: int = Field(alias="m", ge=0, le=MAX_HORIZON)
     at: float | None = Field(default=None, alias="t")  # the writer's clock, epoch seconds
-    row: dict[str, Any] | None = Field(default=None, alias="r")
+    terminal: bool = Field(default=False, alias="e")
+    row: str | None = None  # not in the envelope: the JSON after it
+
+    @model_validator(mode="after")
+    def _routable(self) -> Notification:
+        if self.op != "t" and (self.id is None or self.owner is None):
+            raise ValueError("a row's change names its id and owner")
+        return self
+
+    @property
+    def row_id(self) -> str:
+        return str(self.id)
+
+    def current(self) -> Row | None:
+        """The row this update carries; None when it was too big to travel."""
+        if self.row is None or self.owner is None:
+            return None
+        return Row(self.owner, self.row_id, self.version, self.row, self.terminal)
+
+
+class Forged(Exception):
+    """A payload on the channel that no feed trigger signed."""
+
+
+def decode(payload: str, key: bytes) -> Notification:
+    """Verify a payload's signature and read its envelope; the row stays text.
+
+    Raises Forged for anything not signed with `key`, ValidationError for a signed
+    envelope this version cannot read."""
+    signature, body = payload[:SIGNATURE_LENGTH], payload[SIGNATURE_LENGTH:]
+    expected = hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(signature, expected):
+        raise Forged()
+    envelope, newline, row = body.partition("\n")
+    change = Notification.model_validate_json(envelope)
+    if newline:
+        change.row = row
+    return change
+
+
+async def signing_key(conn: asyncpg.Connection | asyncpg.Pool) -> bytes:
+    key: bytes = await conn.fetchval("select key from streamer.signing_key")
+    return key
 
 
 # -- cursors -------------------------------------------------------------------------
@@ -124,8 +199,8 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Gone:
-    owner: UUID
-    id: UUID
+    owner: str
+    id: str
     version: int
 
 
@@ -135,17 +210,15 @@ class CatchUp:
 
     snapshot: Snapshot
     reset: bool  # the cursor could not be honoured: `rows` is everything, `gone` is empty
-    rows: list[tuple[UUID, StreamedFile]]  # (owner, row)
+    rows: list[Row]
     gone: list[Gone]
 
-    def in_order(self) -> list[tuple[UUID, StreamedFile | Gone]]:
+    def in_order(self) -> list[Row | Gone]:
         """Deletes and updates merged by version, skipping a tombstone of a row now back."""
-        present = {(owner, row.id) for owner, row in self.rows}
-        items: list[tuple[UUID, StreamedFile | Gone]] = [
-            (g.owner, g) for g in self.gone if (g.owner, g.id) not in present
-        ]
+        present = {(row.owner, row.id) for row in self.rows}
+        items: list[Row | Gone] = [g for g in self.gone if (g.owner, g.id) not in present]
         items.extend(self.rows)
-        items.sort(key=lambda item: item[1].version)
+        items.sort(key=lambda item: item.version)
         return items
 
 
@@ -154,7 +227,7 @@ async def current_snapshot(conn: asyncpg.Connection) -> Snapshot:
 
 
 async def catch_up(
-    conn: asyncpg.Connection, feed: Feed, owners: Sequence[UUID], since: int | None
+    conn: asyncpg.Connection, feed: Feed, owners: Sequence[str], since: int | None
 ) -> CatchUp:
     """Rows of `owners` changed by transactions with id >= `since` (all rows when None)."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -164,13 +237,13 @@ async def catch_up(
             pruned_below = await conn.fetchval(
                 "select pruned_below from streamer.horizon where feed = $1", feed.name
             )
-            # Too old for the retained tombstones, or from another database's future.
+            # Too old for the retained tombstones (or a TRUNCATE since), or from another
+            # database's future.
             if since * VERSION_SCALE < (pruned_below or 0) or since > snapshot.xmax:
                 reset, since = True, None
         floor = 0 if since is None else since * VERSION_SCALE
         records = await conn.fetch(
-            f"select {feed.select_list}, {feed.owner_column} as __owner from {feed.name} "
-            f"where {feed.owner_column} = any($1::uuid[]) and version >= $2",
+            feed.select(f"{feed.owner_in('$1')} and r.version >= $2"),
             list(owners),
             floor,
         )
@@ -178,26 +251,18 @@ async def catch_up(
         if since is not None:
             tombstones = await conn.fetch(
                 "select owner_id, row_id, version from streamer.tombstones "
-                "where feed = $1 and owner_id = any($2::uuid[]) and version >= $3",
+                "where feed = $1 and owner_id = any($2::text[]) and version >= $3",
                 feed.name,
                 list(owners),
                 floor,
             )
             gone = [Gone(t["owner_id"], t["row_id"], t["version"]) for t in tombstones]
-    rows = [(r["__owner"], feed.row_model.model_validate(dict(r))) for r in records]
-    return CatchUp(snapshot, reset, rows, gone)
+    return CatchUp(snapshot, reset, [Row.of(r) for r in records], gone)
 
 
-async def fetch_row(
-    conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, row_id: UUID
-) -> tuple[UUID, StreamedFile] | None:
-    record = await conn.fetchrow(
-        f"select {feed.select_list}, {feed.owner_column} as __owner from {feed.name} where id = $1",
-        row_id,
-    )
-    if record is None:
-        return None
-    return record["__owner"], feed.row_model.model_validate(dict(record))
+async def fetch_row(conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, row_id: str) -> Row | None:
+    record = await conn.fetchrow(feed.select(f"r.id = $1::text::{feed.id_type}"), row_id)
+    return None if record is None else Row.of(record)
 
 
 async def prune(conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, keep_hours: float) -> int:

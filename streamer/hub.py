@@ -13,11 +13,10 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from uuid import UUID
 
 from streamer.errors import TooManyStreams, Unavailable
 from streamer.events import HeartbeatEvent, frame, now
-from streamer.feed import CatchUp, Feed, Gone, Notification, Snapshot, format_cursor
+from streamer.feed import CatchUp, Feed, Gone, Notification, Row, Snapshot, format_cursor
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -26,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Envelope:
     data: bytes  # a whole SSE message, shared by every stream it goes to
-    row_id: UUID | None = None
+    row_id: str | None = None
     xid: int | None = None  # the writer's transaction; None: deliver whatever the snapshot
     # A catch-up's snapshot: a stream that read the database at least as late skips it.
     read_in: Snapshot | None = None
@@ -65,7 +64,7 @@ class Subscriber:
         "row_id",
     )
 
-    def __init__(self, hub: Hub, owner: UUID, row_id: UUID | None) -> None:
+    def __init__(self, hub: Hub, owner: str, row_id: str | None) -> None:
         self._hub = hub
         self.owner = owner
         self.row_id = row_id
@@ -184,7 +183,7 @@ class Hub:
         self.write_timeout = write_timeout
         self.buffer_limit = buffer_limit
         self._pending: list[Subscriber] = []
-        self._by_owner: dict[UUID, set[Subscriber]] = {}
+        self._by_owner: dict[str, set[Subscriber]] = {}
         self.count = 0
         self.stopping = False
         # Every change not yet dispatched was made by a transaction with id >= watermark.
@@ -194,10 +193,10 @@ class Hub:
     def cursor(self) -> str:
         return format_cursor(self.watermark)
 
-    def serves(self, owner: UUID) -> bool:
+    def serves(self, owner: str) -> bool:
         return owner in self._by_owner
 
-    def owners(self) -> list[UUID]:
+    def owners(self) -> list[str]:
         return list(self._by_owner)
 
     def subscribers(self) -> Iterable[Subscriber]:
@@ -206,7 +205,7 @@ class Hub:
 
     # -- subscriptions --------------------------------------------------------------
 
-    def subscribe(self, owner: UUID, row_id: UUID | None = None) -> Subscriber:
+    def subscribe(self, owner: str, row_id: str | None = None) -> Subscriber:
         if self.stopping:
             raise Unavailable("This server is shutting down; retry shortly.")
         subs = self._by_owner.get(owner)
@@ -243,9 +242,7 @@ class Hub:
 
     # -- fan-out --------------------------------------------------------------------
 
-    def _publish(
-        self, owner: UUID, envelope: Envelope, skip: frozenset[UUID] = frozenset()
-    ) -> None:
+    def _publish(self, owner: str, envelope: Envelope, skip: frozenset[str] = frozenset()) -> None:
         subs = self._by_owner.get(owner)
         if not subs or owner in skip:
             return
@@ -293,46 +290,58 @@ class Hub:
     def dispatch(
         self,
         change: Notification,
-        current: tuple[UUID, object] | None,
-        skip: frozenset[UUID] = frozenset(),
+        current: Row | None,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
         """Hand one committed change to its owners' streams, except the owners in `skip`.
 
-        `current` is (owner, row) for an update: the row in the payload, or read back when
-        it was too big to travel. A row read back may belong to someone else by now, or be
-        a later version of it; it then goes nowhere: the change that moved it or made that
+        `current` is the row for an update: the one in the payload, or read back when it
+        was too big to travel. A row read back may belong to someone else by now, or be a
+        later version of it; it then goes nowhere: the change that moved it or made that
         version follows, and a newer version sent first would go out ahead of older ones.
         """
         self.advance(change.horizon)
         cursor = self.cursor
+        if change.op == "t":
+            self._truncated(cursor)
+            return
+        assert change.owner is not None
         if change.op == "d":
-            self._publish(change.owner, self._gone(change.id, change.xid, cursor), skip)
+            self._publish(change.owner, self._gone(change.row_id, change.xid, cursor), skip)
             return
         if change.old_owner is not None and change.old_owner != change.owner:
-            self._publish(change.old_owner, self._gone(change.id, change.xid, cursor), skip)
-        if current is None:
+            self._publish(change.old_owner, self._gone(change.row_id, change.xid, cursor), skip)
+        if current is None or current.owner != change.owner or not self.serves(current.owner):
             return
-        owner, row = current
-        if owner != change.owner or not self.serves(owner):
-            return
-        assert isinstance(row, self.feed.row_model)
-        if row.version != change.version:
+        if current.version != change.version:
             return
         envelope = Envelope(
-            frame(self.feed.update_event(row), cursor),
-            row_id=row.id,
+            self.feed.update_frame(current, cursor),
+            row_id=current.id,
             xid=change.xid,
-            ends_row=self.feed.is_terminal(row),
+            ends_row=current.terminal,
         )
-        self._publish(owner, envelope, skip)
+        self._publish(current.owner, envelope, skip)
 
     def _gone(
-        self, row_id: UUID, xid: int | None, cursor: str, read_in: Snapshot | None = None
+        self, row_id: str, xid: int | None, cursor: str, read_in: Snapshot | None = None
     ) -> Envelope:
-        event = self.feed.delete_event(row_id)
         return Envelope(
-            frame(event, cursor), row_id=row_id, xid=xid, read_in=read_in, ends_row=True
+            self.feed.deleted_frame(row_id, cursor),
+            row_id=row_id,
+            xid=xid,
+            read_in=read_in,
+            ends_row=True,
         )
+
+    def _truncated(self, cursor: str) -> None:
+        """Every row is gone at once: a one-row stream ends with its row's delete, every
+        other stream starts over (reset, then a fresh snapshot)."""
+        for sub in list(self.subscribers()):
+            if sub.row_id is None:
+                sub.close("truncated")
+            elif not sub.push(self._gone(sub.row_id, None, cursor)):
+                self.cut(sub)
 
     def dispatch_catch_up(self, result: CatchUp, cursor: str) -> None:
         """After the listener was down: what changed meanwhile, to every open stream."""
@@ -342,18 +351,17 @@ class Hub:
             self.close_all("reset")
             return
         read_in = result.snapshot
-        for owner, item in result.in_order():
+        for item in result.in_order():
             if isinstance(item, Gone):
-                self._publish(owner, self._gone(item.id, None, cursor, read_in))
+                self._publish(item.owner, self._gone(item.id, None, cursor, read_in))
             else:
-                event = self.feed.update_event(item)
                 envelope = Envelope(
-                    frame(event, cursor),
+                    self.feed.update_frame(item, cursor),
                     row_id=item.id,
                     read_in=read_in,
-                    ends_row=self.feed.is_terminal(item),
+                    ends_row=item.terminal,
                 )
-                self._publish(owner, envelope)
+                self._publish(item.owner, envelope)
 
     # -- heartbeats and stuck writers -----------------------------------------------
 

@@ -19,7 +19,6 @@ import random
 import time
 import uuid
 from collections import deque
-from uuid import UUID
 
 import asyncpg
 from pydantic import ValidationError
@@ -27,11 +26,15 @@ from pydantic import ValidationError
 from streamer.feed import (
     CHANNEL,
     Feed,
+    Forged,
     Notification,
+    Row,
     Snapshot,
     catch_up,
     current_snapshot,
+    decode,
     fetch_row,
+    signing_key,
 )
 from streamer.hub import Hub
 from streamer.metrics import Metrics
@@ -69,17 +72,21 @@ class Listener:
         self._holding = True  # until the stream of notifications is known to be complete
         # The last recovery's snapshot and the owners it caught up: a notification that
         # snapshot saw is already in their streams, but not in streams of other owners.
-        self._caught_up: tuple[Snapshot, frozenset[UUID]] = (
+        self._caught_up: tuple[Snapshot, frozenset[str]] = (
             Snapshot(0, 0, frozenset()),
             frozenset(),
         )
         self._drain: asyncio.Task[None] | None = None
         self.sessions = 0
         self._marker: tuple[str, Snapshot] | None = None
+        self._key = b""  # what the feed's triggers sign with: read at each connect
 
     # -- connection lifecycle -------------------------------------------------------
 
     async def run(self) -> None:
+        """Keep the LISTEN connection up. A lost connection is retried here, with backoff,
+        for as long as it takes; anything else (a bug, a row that does not decode) is
+        raised after the teardown, for the task's supervisor to log, count and restart."""
         failures = 0
         while True:
             try:
@@ -99,6 +106,7 @@ class Listener:
         conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)
         self.connection = conn
         conn.add_termination_listener(lambda _: self._lost.set())
+        self._key = await signing_key(conn)
         await conn.add_listener(CHANNEL, self._on_notify)
         if self.sessions:
             self.metrics.listener_reconnects.inc()
@@ -111,7 +119,7 @@ class Listener:
         log.info("listening on channel %r", CHANNEL)
         await self._watch(conn)
 
-    async def _recover(self) -> tuple[Snapshot, frozenset[UUID]]:
+    async def _recover(self) -> tuple[Snapshot, frozenset[str]]:
         """Catch every open stream up on what it missed while the listener was down.
 
         Streams of other owners may open while this reads: they are not caught up, so the
@@ -174,7 +182,7 @@ class Listener:
         self._holding = False
         self._dispatch_ready()
 
-    def _already_told(self, change: Notification) -> frozenset[UUID]:
+    def _already_told(self, change: Notification) -> frozenset[str]:
         """The owners whose streams the last recovery's catch-up already gave this change."""
         snapshot, owners = self._caught_up
         return owners if snapshot.sees(change.xid) else frozenset()
@@ -187,10 +195,16 @@ class Listener:
                 self.hub.rebase(marker[1])
             return None  # another process's marker, or an old one of ours
         try:
-            change = Notification.model_validate_json(payload)
+            change = decode(payload, self._key)
+        except Forged:
+            # Any role that can connect can NOTIFY: only the feed's triggers can sign.
+            if payload:  # an empty payload only says the feeds changed
+                log.warning("ignored a notification on channel %r that no feed signed", CHANNEL)
+                self.metrics.notifications_rejected.inc()
+            return None
         except ValidationError:
-            log.warning("ignored a malformed notification on channel %r", CHANNEL)
-            self.metrics.events_dropped.inc()
+            log.warning("ignored a signed notification this version cannot read")
+            self.metrics.notifications_rejected.inc()
             return None
         return change if change.feed == self.feed.name else None
 
@@ -202,16 +216,16 @@ class Listener:
             if change is None:
                 continue
             told = self._already_told(change)
-            if {change.owner, change.old_owner or change.owner} <= told:
+            if change.op != "t" and {change.owner, change.old_owner or change.owner} <= told:
                 continue
-            if change.op == "u" and change.row is None and self.hub.serves(change.owner):
+            if change.op == "u" and change.row is None and self.hub.serves(change.owner or ""):
                 self._drain = asyncio.create_task(self._dispatch_slow(change, told))
                 return
             self._dispatch(change, None, told)
 
-    async def _dispatch_slow(self, change: Notification, told: frozenset[UUID]) -> None:
+    async def _dispatch_slow(self, change: Notification, told: frozenset[str]) -> None:
         try:
-            current = await fetch_row(self.pool, self.feed, change.id)
+            current = await fetch_row(self.pool, self.feed, change.row_id)
             self._dispatch(change, current, told)
         except CONNECTION_ERRORS as exc:
             # Leave the gap to the listener's recovery: drop the connection, catch up.
@@ -225,19 +239,10 @@ class Listener:
     def _dispatch(
         self,
         change: Notification,
-        current: tuple[UUID, object] | None = None,
-        told: frozenset[UUID] = frozenset(),
+        current: Row | None = None,
+        told: frozenset[str] = frozenset(),
     ) -> None:
         self.metrics.notifications.inc()
         if change.at is not None:
             self.metrics.notification_lag.observe(max(0.0, time.time() - change.at))
-        # A process receives every change; rows of owners it has no stream for are not
-        # decoded (a delete for an old owner still goes out).
-        if change.op == "u" and change.row is not None and self.hub.serves(change.owner):
-            try:
-                current = (change.owner, self.feed.row_model.model_validate(change.row))
-            except ValidationError:
-                log.warning("ignored a notification whose row does not fit the feed")
-                self.metrics.events_dropped.inc()
-                return
-        self.hub.dispatch(change, current, skip=told)
+        self.hub.dispatch(change, current or change.current(), skip=told)

@@ -25,8 +25,8 @@ class Metrics:
         self.events_sent = Counter("streamer_events_sent", "Events written to streams", registry=r)
         self.events_dropped = Counter(
             "streamer_events_dropped",
-            "Events not delivered: undecodable notifications, or queued for a stream that "
-            "was disconnected for falling behind",
+            "Events not delivered: queued for a stream that was disconnected for falling "
+            "behind",
             registry=r,
         )
         self.slow_disconnects = Counter(
@@ -45,6 +45,12 @@ class Metrics:
         self.notifications = Counter(
             "streamer_notifications", "Change notifications received", registry=r
         )
+        self.notifications_rejected = Counter(
+            "streamer_notifications_rejected",
+            "Payloads on the channel dropped unread: not signed by a feed trigger (forged), "
+            "or signed but not readable by this version",
+            registry=r,
+        )
         self.notification_lag = Histogram(
             "streamer_notification_lag_seconds",
             "From the writer's statement to the notification being fanned out",
@@ -53,6 +59,12 @@ class Metrics:
         )
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
+        )
+        self.task_failures = Counter(
+            "streamer_task_failures",
+            "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",
+            ["task"],
+            registry=r,
         )
 
     def exposition(self) -> bytes:

@@ -17,7 +17,15 @@ from aiohttp import HttpVersion11, web
 from streamer import keys
 from streamer.errors import InvalidId, InvalidParameter, NotFound, Unavailable
 from streamer.events import ResetEvent, SyncedEvent, TokenExpiredEvent, frame, now, retry_frame
-from streamer.feed import CatchUp, Gone, Snapshot, catch_up, current_snapshot, parse_cursor
+from streamer.feed import (
+    CatchUp,
+    Gone,
+    Row,
+    Snapshot,
+    catch_up,
+    current_snapshot,
+    parse_cursor,
+)
 from streamer.hub import Envelope, Subscriber
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
@@ -63,20 +71,22 @@ def _expire_at(sub: Subscriber, expires_at: float) -> asyncio.TimerHandle:
 
 async def _live(
     request: web.Request, response: web.StreamResponse, sub: Subscriber, seen: Snapshot
-) -> web.StreamResponse:
+) -> str:
     """Hand the connection to the hub, which writes every later event straight into it,
     and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
-    shutdown, or the client leaving (then aiohttp cancels this handler)."""
+    TRUNCATE, a shutdown, or the client leaving (then aiohttp cancels this handler).
+    Returns why it ended."""
     transport = request.transport
-    if transport is None or transport.is_closing() or sub.closed is not None:
-        return response
+    if sub.closed is not None:
+        return sub.closed
+    if transport is None or transport.is_closing():
+        return "gone"
     sub.go_live(transport, request.version >= HttpVersion11, seen)
-    await sub.ended
-    return response
+    return await sub.ended
 
 
 async def _read_since(
-    request: web.Request, owner: UUID, since: int | None
+    request: web.Request, owner: str, since: int | None, reset: bool = False
 ) -> tuple[CatchUp, bytes]:
     """The caller's catch-up (or snapshot) and its events, encoded. A function of its own so
     the rows and bytes are freed once written, not held for the stream's whole life."""
@@ -88,52 +98,67 @@ async def _read_since(
         raise Unavailable("The database is not reachable; retry shortly.") from exc
     resumed = since is not None and not result.reset
     cursor = str(since) if resumed else SNAPSHOT_CURSOR
-    chunks = [frame(ResetEvent(timestamp=now()))] if result.reset else []
-    for _owner, item in result.in_order():
+    chunks = [frame(ResetEvent(timestamp=now()))] if reset or result.reset else []
+    for item in result.in_order():
         if isinstance(item, Gone):
-            chunks.append(frame(feed.delete_event(item.id), cursor))
+            chunks.append(feed.deleted_frame(item.id, cursor))
         else:
-            chunks.append(frame(feed.update_event(item), cursor))
+            chunks.append(feed.update_frame(item, cursor))
     return result, b"".join(chunks)
 
 
 async def file_events(request: web.Request) -> web.StreamResponse:
-    """GET /api/files/events: every file of the caller, live, resumable by cursor."""
+    """GET /api/files/events: every file of the caller, live, resumable by cursor.
+
+    After a TRUNCATE of the table the stream starts over in place: `reset`, a fresh
+    snapshot, `synced`, live again."""
     app = request.app
     principal = await app[keys.AUTH].authenticate(request)
+    owner = str(principal.user_id)
     since = _cursor(request)
     snapshot = _flag(request, "snapshot")
     hub = app[keys.HUB]
-    sub = hub.subscribe(principal.user_id)
-    expiry = _expire_at(sub, principal.expires_at)
+    response: web.StreamResponse | None = None
+    truncated = False
+    while True:
+        sub = hub.subscribe(owner)
+        expiry = _expire_at(sub, principal.expires_at)
+        try:
+            if since is not None or snapshot or truncated:
+                result, caught_up = await _read_since(request, owner, since, truncated)
+                seen = result.snapshot
+                del result
+            else:
+                # Nothing to read: the stream is live from its subscription on, and
+                # everything not yet dispatched is at or above the hub's watermark.
+                seen, caught_up = NOTHING_SEEN, b""
+            if response is None:
+                response = await _open(request)
+            if caught_up:
+                await response.write(caught_up)
+                del caught_up
+            synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
+            await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
+            if await _live(request, response, sub, seen) != "truncated":
+                return response
+        except ConnectionResetError:
+            return web.Response()  # the client left during set-up: nothing to answer
+        finally:
+            expiry.cancel()
+            hub.unsubscribe(sub)
+        since, truncated = None, True
+
+
+def _row_id(request: web.Request) -> str:
     try:
-        if since is not None or snapshot:
-            result, caught_up = await _read_since(request, principal.user_id, since)
-            seen = result.snapshot
-            del result
-        else:
-            # Nothing to read: the stream is live from its subscription on, and everything
-            # not yet dispatched is at or above the hub's watermark. No query at all.
-            seen, caught_up = NOTHING_SEEN, b""
-        response = await _open(request)
-        if caught_up:
-            await response.write(caught_up)
-            del caught_up
-        synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
-        await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
-        return await _live(request, response, sub, seen)
-    except ConnectionResetError:
-        return web.Response()  # the client left during set-up: nothing to answer
-    finally:
-        expiry.cancel()
-        hub.unsubscribe(sub)
+        return str(UUID(request.match_info["id"]))
+    except ValueError:
+        raise InvalidId() from None
 
 
-async def _read_one(
-    request: web.Request, owner: UUID, row_id: UUID
-) -> tuple[Snapshot, bytes, bool]:
-    """The file's current state as an encoded event, the snapshot it was read in, and
-    whether it is already terminal; NotFound when it is missing or someone else's."""
+async def _read_one(request: web.Request, owner: str, row_id: str) -> tuple[Snapshot, Row]:
+    """The row's current state and the snapshot it was read in; NotFound when it is
+    missing or someone else's."""
     feed = request.app[keys.HUB].feed
     try:
         async with (
@@ -142,38 +167,33 @@ async def _read_one(
         ):
             seen = await current_snapshot(conn)
             record = await conn.fetchrow(
-                f"select {feed.select_list} from {feed.name} "
-                f"where id = $1 and {feed.owner_column} = $2",
+                feed.select(f"r.id = $1::text::{feed.id_type} and {feed.owner_in('$2')}"),
                 row_id,
-                owner,
+                [owner],
             )
     except DB_ERRORS as exc:
         raise Unavailable("The database is not reachable; retry shortly.") from exc
     if record is None:
         raise NotFound()
-    row = feed.row_model.model_validate(dict(record))
-    return seen, frame(feed.update_event(row), seen.cursor), feed.is_terminal(row)
+    return seen, Row.of(record)
 
 
 async def file_item_events(request: web.Request) -> web.StreamResponse:
     """GET /api/files/{id}/events: one file's state, then its updates until the end."""
     app = request.app
     principal = await app[keys.AUTH].authenticate(request)
-    try:
-        row_id = UUID(request.match_info["id"])
-    except ValueError:
-        raise InvalidId() from None
+    row_id = _row_id(request)
+    owner = str(principal.user_id)
     hub = app[keys.HUB]
-    sub = hub.subscribe(principal.user_id, row_id)
+    sub = hub.subscribe(owner, row_id)
     expiry = _expire_at(sub, principal.expires_at)
     try:
-        seen, current, terminal = await _read_one(request, principal.user_id, row_id)
+        seen, row = await _read_one(request, owner, row_id)
         response = await _open(request)
-        await response.write(current)
-        del current
-        if terminal:
-            return response
-        return await _live(request, response, sub, seen)
+        await response.write(hub.feed.update_frame(row, seen.cursor))
+        if not row.terminal:
+            await _live(request, response, sub, seen)
+        return response
     except ConnectionResetError:
         return web.Response()
     finally:

@@ -32,12 +32,39 @@ from streamer.embedded import EmbeddedPostgres
 from streamer.server import server_options
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
+# Writers in production are never the table's owner: the tests write as such a role, with
+# rights on `files` only and none on the feed's schema.
+WRITER = "streamer_test_writer"
+WRITER_PASSWORD = "writer-password"
 _counter = itertools.count()
 
 
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+def as_role(url: str, role: str, password: str) -> str:
+    """The same database, reached as another role."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}"))
+
+
+def as_writer(url: str) -> str:
+    return as_role(url, WRITER, WRITER_PASSWORD)
+
+
+def create_writer_role(conn: psycopg.Connection[Any]) -> None:
+    """The role exists once per server (roles are cluster-wide); its grants are per database."""
+    exists = conn.execute("select 1 from pg_roles where rolname = %s", (WRITER,)).fetchone()
+    if not exists:
+        with contextlib.suppress(psycopg.errors.DuplicateObject):  # another test run's
+            conn.execute(
+                sql.SQL("create role {} login password {}").format(
+                    sql.Identifier(WRITER), sql.Literal(WRITER_PASSWORD)
+                )
+            )
 
 
 @dataclass
@@ -71,7 +98,16 @@ def template(postgres: PostgresServer) -> Iterator[str]:
             sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name))
         )
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
-    migrate(with_database(postgres.admin_url, name))
+    url = with_database(postgres.admin_url, name)
+    migrate(url)
+    with postgres.admin() as conn:
+        create_writer_role(conn)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("grant select, insert, update, delete on files to {}").format(
+                sql.Identifier(WRITER)
+            )
+        )
     yield name
     with postgres.admin() as conn:
         conn.execute(
@@ -106,7 +142,16 @@ def database_url(postgres: PostgresServer, template: str) -> Iterator[str]:
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A writer's connection: what a file processor or a person at psql does."""
+    """A writer's connection: what a file processor or a person at psql does, as a role
+    that may only select, insert, update and delete rows of `files`."""
+    conn = await asyncpg.connect(as_writer(database_url))
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def owner_db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The tables' owner: schema changes, TRUNCATE, and looking at the server."""
     conn = await asyncpg.connect(database_url)
     yield conn
     await conn.close()

@@ -227,25 +227,6 @@ async def test_a_token_signed_with_another_secret_is_token_invalid(
         assert_quiet(logs, token)
 
 
-async def test_a_different_token_in_the_header_and_the_query_opens_nothing(
-    service: Service, logs: pytest.LogCaptureFixture
-) -> None:
-    mine, theirs = token_for(uuid.uuid4()), token_for(uuid.uuid4())
-    await rejected(service, "TOKEN_INVALID", headers=bearer(mine), params={"access_token": theirs})
-    await rejected(
-        service, "TOKEN_INVALID", headers={**bearer(mine), "Cookie": f"access_token={theirs}"}
-    )
-    await rejected(
-        service,
-        "TOKEN_INVALID",
-        params={"access_token": mine},
-        headers={"Cookie": f"access_token={theirs}"},
-    )
-    # The same token twice is no conflict.
-    await accepted(service, headers=bearer(mine), params={"access_token": mine})
-    assert_quiet(logs, mine, theirs)
-
-
 async def test_two_authorization_headers_with_different_tokens_open_nothing(
     service: Service, logs: pytest.LogCaptureFixture
 ) -> None:

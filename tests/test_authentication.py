@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import jwt
 import pytest
@@ -65,17 +66,29 @@ async def test_a_valid_token_in_the_header_opens_the_stream(service: Service, us
         assert response.status == 200
 
 
-@pytest.mark.parametrize("fresh_in", ["header", "query"])
-async def test_a_stale_cookie_beside_a_fresh_token_does_not_refuse_the_stream(
-    service: Service, user, fresh_in: str
+def _places(first: str, second: str, first_token: str, second_token: str) -> dict[str, Any]:
+    request: dict[str, Any] = {"headers": {}, "params": {}}
+    for place, token in ((first, first_token), (second, second_token)):
+        if place == "header":
+            request["headers"]["Authorization"] = f"Bearer {token}"
+        elif place == "query":
+            request["params"]["access_token"] = token
+        else:
+            request["headers"]["Cookie"] = f"access_token={token}"
+    return request
+
+
+@pytest.mark.parametrize(
+    ("first", "second"), [("header", "cookie"), ("query", "cookie"), ("header", "query")]
+)
+async def test_the_first_place_holding_a_token_decides(
+    service: Service, user, first: str, second: str
 ):
     stale = forged({"sub": str(user), "exp": time.time() - 60})
-    request: dict[str, object] = {"headers": {"Cookie": f"access_token={stale}"}}
-    if fresh_in == "header":
-        request["headers"] = {"Cookie": f"access_token={stale}"} | {
-            "Authorization": f"Bearer {token_for(user)}"
-        }
-    else:
-        request["params"] = {"access_token": token_for(user)}
-    async with service.session.get(service.url(EVENTS), **request) as response:  # type: ignore[arg-type]
+    fresh = token_for(user)
+    # A stale cookie beside a fresh token does not refuse the stream (a browser would loop).
+    request = _places(first, second, fresh, stale)
+    async with service.session.get(service.url(EVENTS), **request) as response:
         assert response.status == 200
+    # Nor is a stale first token rescued by a fresh one further down the order.
+    await expect_401(service, "TOKEN_EXPIRED", **_places(first, second, stale, fresh))

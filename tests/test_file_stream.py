@@ -242,7 +242,7 @@ async def test_an_update_committed_while_the_stream_is_set_up_is_neither_lost_no
 
 
 async def test_fifty_watchers_of_one_file_see_the_same_sequence_over_one_listener(
-    service: Service, db, user
+    service: Service, db, owner_db, user
 ):
     file_id = await insert_file(db, user, "popular.mov")
     async with contextlib.AsyncExitStack() as stack:
@@ -253,7 +253,7 @@ async def test_fifty_watchers_of_one_file_see_the_same_sequence_over_one_listene
             assert (await w.next()).file["status"] == "pending"
         assert service.app[keys.HUB].count == 50
         assert await backend_count(db) <= 1 + service.settings.pool_size
-        listens = await db.fetchval(
+        listens = await owner_db.fetchval(
             "select count(*) from pg_stat_activity where datname = current_database()"
             " and query ilike 'listen%'"
         )

@@ -65,7 +65,9 @@ async def test_readyz_is_503_while_the_listen_connection_is_down_and_healthz_sta
         assert samples["streamer_listener_up"] == 0
 
 
-async def test_metrics_count_streams_events_drops_reconnects_and_lag(service: Service, db, user):
+async def test_metrics_count_streams_events_drops_reconnects_and_lag(
+    service: Service, db, owner_db, user
+):
     metrics_url = service.url("/metrics")
 
     async def sample(name: str) -> float:
@@ -80,13 +82,13 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(service: Se
             await insert_file(db, user, f"{i}.pdf")
         for _ in range(3):
             await stream.next()
-        # A notification that is no change of the feed is dropped, and counted.
+        # A notification that no feed trigger signed is rejected, and counted.
         await db.execute("select pg_notify('streamer', 'not a change')")
 
-        async def dropped() -> bool:
-            return await sample("streamer_events_dropped_total") == 1
+        async def rejected() -> bool:
+            return await sample("streamer_notifications_rejected_total") == 1
 
-        await eventually(dropped)
+        await eventually(rejected)
         after = await scrape(service.session, metrics_url)
         assert after["streamer_events_sent_total"] - before["streamer_events_sent_total"] == 3
         assert after["streamer_notifications_total"] - before["streamer_notifications_total"] == 3
@@ -99,7 +101,9 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(service: Se
         # The LISTEN connection is killed: it comes back on its own, and the count says so.
         listener = service.app[keys.LISTENER]
         assert listener.connection is not None
-        await db.execute("select pg_terminate_backend($1)", listener.connection.get_server_pid())
+        await owner_db.execute(
+            "select pg_terminate_backend($1)", listener.connection.get_server_pid()
+        )
 
         async def reconnected() -> bool:
             samples = await scrape(service.session, metrics_url)

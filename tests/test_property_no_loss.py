@@ -22,6 +22,7 @@ from streamer import keys
 from tests.conftest import (
     PostgresServer,
     Service,
+    as_writer,
     fresh_database,
     insert_file,
     start_service,
@@ -124,8 +125,9 @@ def seen_by(client: Client) -> dict[str, tuple[int, int, str]]:
 
 async def scenario(url: str, ops: list[Op]) -> None:
     service = await start_service(url)
-    db = await asyncpg.connect(url)
-    other = await asyncpg.connect(url)
+    db = await asyncpg.connect(as_writer(url))
+    other = await asyncpg.connect(as_writer(url))
+    admin = await asyncpg.connect(url)
     users = [uuid.uuid4() for _ in range(USERS)]
     clients = [Client(service, u) for u in users]
     files = [await insert_file(db, u, f"{n}.bin") for u in users for n in range(2)]
@@ -148,7 +150,9 @@ async def scenario(url: str, ops: list[Op]) -> None:
             elif kind == "kill_listener":
                 connection = listener.connection
                 if connection is not None and not connection.is_closed():
-                    await db.execute("select pg_terminate_backend($1)", connection.get_server_pid())
+                    await admin.execute(
+                        "select pg_terminate_backend($1)", connection.get_server_pid()
+                    )
             elif not files:
                 continue
             elif kind == "update":
@@ -197,6 +201,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
             await client.disconnect()
         await db.close()
         await other.close()
+        await admin.close()
         await stop_service(service)
 
 

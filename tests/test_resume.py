@@ -132,13 +132,13 @@ async def test_events_of_a_catch_up_carry_the_cursor_it_started_from(service: Se
 
 
 async def test_a_cursor_older_than_the_kept_tombstones_gets_a_reset_and_a_full_snapshot(
-    service: Service, db, user
+    service: Service, db, owner_db, user
 ):
     survivor = await insert_file(db, user, "survivor.pdf")
     doomed = await insert_file(db, user, "doomed.pdf")
     cursor = await cursor_after(service, db, user)
     await db.execute("delete from files where id = $1", doomed)
-    assert await db.fetchval("select streamer.prune('files', interval '0 seconds')") >= 1
+    assert await owner_db.fetchval("select streamer.prune('files', interval '0 seconds')") >= 1
 
     async with resume(service, user, cursor) as stream:
         events = stream.events
@@ -159,7 +159,9 @@ async def test_a_cursor_older_than_the_kept_tombstones_gets_a_reset_and_a_full_s
         assert str(survivor) in by_file(before_synced(again.events))
 
 
-async def test_the_services_own_pruning_turns_an_old_cursor_into_a_reset(database_url, db, user):
+async def test_the_services_own_pruning_turns_an_old_cursor_into_a_reset(
+    database_url, db, owner_db, user
+):
     first = await start_service(database_url)
     try:
         doomed = await insert_file(db, user, "doomed.pdf")
@@ -172,7 +174,7 @@ async def test_the_services_own_pruning_turns_an_old_cursor_into_a_reset(databas
     service = await start_service(database_url, tombstone_retention_hours=1e-9)
     try:
         async with asyncio.timeout(10):
-            while not await db.fetchval(
+            while not await owner_db.fetchval(
                 "select pruned_below > 0 from streamer.horizon where feed = 'files'"
             ):
                 await asyncio.sleep(0.01)

@@ -1,0 +1,222 @@
+"""A database set up the way teams run production: writers that are not the table's owner,
+a table that evolves under a running service, bulk writes, TRUNCATE, and roles that can
+only connect trying to make a user see something."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from psycopg import sql
+
+from tests.conftest import (
+    PostgresServer,
+    Service,
+    as_role,
+    insert_file,
+    token_for,
+)
+from tests.scrape import eventually, scrape
+from tests.sse import Stream, open_stream
+
+EVENTS = "/api/files/events"
+NOBODY = "streamer_test_nobody"  # a role that may connect, and nothing else
+
+
+def stream_of(service: Service, user: uuid.UUID, **params: str) -> Any:
+    return open_stream(service.session, service.url(EVENTS), token_for(user), params=params)
+
+
+async def next_file(stream: Stream, file_id: uuid.UUID) -> dict[str, Any]:
+    """The next update of `file_id`, skipping others (a reconnect may repeat one)."""
+    while True:
+        event = await stream.next()
+        if event.name == "file-update" and event.file["id"] == str(file_id):
+            return event.file
+
+
+# -- writers that are not the table's owner --------------------------------------------
+
+
+async def test_a_writer_with_rights_on_files_only_makes_every_kind_of_change(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+) -> None:
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await db.fetchval("select count(*) from streamer.tombstones")
+    assert not await db.fetchval("select rolsuper from pg_roles where rolname = current_user")
+    async with stream_of(service, user) as mine, stream_of(service, other_user) as theirs:
+        file_id = await insert_file(db, user, "scan.tiff")
+        assert (await next_file(mine, file_id))["status"] == "pending"
+        await db.execute("update files set error_message = $2 where id = $1", file_id, "x" * 2**20)
+        assert len((await next_file(mine, file_id))["error_message"]) == 2**20
+        await db.execute("update files set user_id = $2 where id = $1", file_id, other_user)
+        gone = await mine.next()
+        assert (gone.name, gone.file["id"]) == ("file-deleted", str(file_id))
+        assert (await next_file(theirs, file_id))["filename"] == "scan.tiff"
+        await db.execute("delete from files where id = $1", file_id)
+        gone = await theirs.next()
+        assert (gone.name, gone.file["id"]) == ("file-deleted", str(file_id))
+
+
+async def test_a_bulk_transaction_of_a_writer_arrives_whole_and_in_order(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    async with stream_of(service, user) as stream:
+        async with db.transaction():
+            await db.execute(
+                "insert into files (user_id, filename, progress)"
+                " select $1, 'part-' || n, n % 101 from generate_series(1, 500) n",
+                user,
+            )
+            await db.execute("update files set status = 'processing' where user_id = $1", user)
+        events = [await stream.next() for _ in range(1000)]
+    names = [e.file["filename"] for e in events]
+    assert names[:500] == [f"part-{n}" for n in range(1, 501)]
+    assert all(e.file["status"] == "processing" for e in events[500:])
+
+
+# -- the table evolves under a running service -----------------------------------------
+
+
+async def test_a_new_column_and_status_value_reach_open_and_new_streams(
+    service: Service, db: asyncpg.Connection, owner_db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    file_id = await insert_file(db, user, "upload.zip")
+    async with stream_of(service, user, snapshot="1") as stream:
+        await owner_db.execute(
+            """
+            alter table files add column checksum text;
+            alter table files drop constraint files_status_check;
+            alter table files add constraint files_status_check
+                check (status in ('pending', 'processing', 'ready', 'failed', 'cancelled'));
+            alter table files alter column progress type bigint;
+            """
+        )
+        await db.execute(
+            "update files set status = 'cancelled', checksum = 'sha256:ab12' where id = $1",
+            file_id,
+        )
+        row = await next_file(stream, file_id)
+        assert (row["status"], row["checksum"]) == ("cancelled", "sha256:ab12")
+        assert "user_id" not in row
+
+    async with stream_of(service, user, snapshot="1") as fresh:
+        (event,) = [e for e in fresh.events if e.name == "file-update"]
+        assert (event.file["status"], event.file["checksum"]) == ("cancelled", "sha256:ab12")
+    path = f"/api/files/{file_id}/events"
+    async with open_stream(
+        service.session, service.url(path), token_for(user), synced=False
+    ) as one:
+        assert (await one.next()).file["status"] == "cancelled"
+
+
+# -- TRUNCATE --------------------------------------------------------------------------
+
+
+async def test_truncate_tells_every_open_stream_reset_then_a_fresh_snapshot(
+    service: Service, db: asyncpg.Connection, owner_db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    old = await insert_file(db, user, "old.pdf")
+    async with (
+        stream_of(service, user, snapshot="1") as stream,
+        open_stream(
+            service.session,
+            service.url(f"/api/files/{old}/events"),
+            token_for(user),
+            synced=False,
+        ) as one,
+    ):
+        assert (await one.next()).file["id"] == str(old)
+        cursor = stream.last_id
+        assert cursor is not None
+        async with owner_db.transaction():
+            await owner_db.execute("truncate files")
+            await owner_db.execute(
+                "insert into files (user_id, filename) values ($1, 'after.pdf')", user
+            )
+        events = await stream.until("synced")
+        names = [e.name for e in events]
+        assert names == ["reset", "file-update", "synced"]
+        assert events[1].file["filename"] == "after.pdf"
+        # The one-file stream ends: its file is gone.
+        (gone,) = await one.end()
+        assert (gone.name, gone.file["id"]) == ("file-deleted", str(old))
+        # And the stream is live again.
+        new = await insert_file(db, user, "later.pdf")
+        assert (await next_file(stream, new))["filename"] == "later.pdf"
+
+    # A client that was away during the TRUNCATE resumes into a reset, never a silent gap.
+    async with open_stream(
+        service.session, service.url(EVENTS), token_for(user), headers={"Last-Event-ID": cursor}
+    ) as resumed:
+        assert resumed.events[0].name == "reset"
+        assert {e.file["filename"] for e in resumed.events if e.name == "file-update"} == {
+            "after.pdf",
+            "later.pdf",
+        }
+
+
+# -- forged notifications ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def nobody(postgres: PostgresServer, database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A role that can connect to the database, and so NOTIFY, but do nothing else."""
+    with postgres.admin() as conn:
+        if not conn.execute("select 1 from pg_roles where rolname = %s", (NOBODY,)).fetchone():
+            conn.execute(
+                sql.SQL("create role {} login password 'nobody'").format(sql.Identifier(NOBODY))
+            )
+    conn = await asyncpg.connect(as_role(database_url, NOBODY, "nobody"))
+    yield conn
+    await conn.close()
+
+
+async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
+    service: Service, db: asyncpg.Connection, nobody: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await nobody.fetchval("select count(*) from files")
+    # The trigger's format is public (function sources are readable by everyone), and a
+    # listener on the channel sees real signed payloads go by.
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    await nobody.add_listener("streamer", lambda *args: seen.put_nowait(args[-1]))
+    real = await insert_file(db, user, "real.pdf")
+    genuine = await asyncio.wait_for(seen.get(), 10)
+    signature, body = genuine[:64], genuine[64:]
+    envelope, _, row = body.partition("\n")
+    fields = json.loads(envelope)
+    newer = {**fields, "v": fields["v"] * 2, "x": fields["x"] + 10, "m": fields["m"] + 5}
+    phishing = json.dumps({**json.loads(row), "filename": "PHISHING.pdf", "version": newer["v"]})
+    forged_body = json.dumps(newer) + "\n" + phishing
+    forgeries = [
+        forged_body,  # unsigned, in the trigger's format
+        signature + forged_body,  # a real signature on other content
+        hmac.new(b"guessed-key", forged_body.encode(), hashlib.sha256).hexdigest() + forged_body,
+        "0" * 64 + forged_body,
+    ]
+
+    async def rejected() -> float:
+        samples = await scrape(service.session, service.url("/metrics"))
+        return samples["streamer_notifications_rejected_total"]
+
+    before = await rejected()
+    async with stream_of(service, user) as stream:
+        for payload in forgeries:
+            await nobody.execute("select pg_notify('streamer', $1)", payload)
+
+        async def all_rejected() -> bool:
+            return await rejected() == before + len(forgeries)
+
+        await eventually(all_rejected)
+        await db.execute("update files set progress = 7 where id = $1", real)
+        update = await stream.next()
+        assert (update.file["filename"], update.file["progress"]) == ("real.pdf", 7)
+        assert all("PHISHING" not in e.data for e in stream.events)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +24,7 @@ from streamer.hub import Hub
 from streamer.listener import Listener
 from streamer.metrics import Metrics
 from streamer.streams import file_events, file_item_events
+from streamer.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -131,11 +131,12 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     app[keys.POOL] = pool
     listener = Listener(app[keys.LISTEN_DSN], pool, app[keys.HUB], app[keys.METRICS])
     app[keys.LISTENER] = listener
-    task = asyncio.create_task(listener.run(), name="listener")
+    # The owner of every long-lived task of the app: made first, stopped last, before
+    # the pool those tasks use is closed.
+    tasks = app[keys.TASKS] = Supervisor(app[keys.METRICS])
+    tasks.start("listener", listener.run)
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await tasks.stop()
     await listener.close()
     await pool.close()
 
@@ -156,17 +157,12 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     auth = app[keys.AUTH]
     await auth.start()
     hub = app[keys.HUB]
-    tasks = [
-        asyncio.create_task(hub.run_heartbeats(settings.heartbeat_seconds)),
-        asyncio.create_task(hub.run_sweeps()),
-        asyncio.create_task(_prune_forever(app[keys.POOL], settings.tombstone_retention_hours)),
-    ]
+    pool = app[keys.POOL]
+    tasks = app[keys.TASKS]  # stops them with the listener, in _database's clean-up
+    tasks.start("heartbeats", lambda: hub.run_heartbeats(settings.heartbeat_seconds))
+    tasks.start("sweeps", hub.run_sweeps)
+    tasks.start("pruning", lambda: _prune_forever(pool, settings.tombstone_retention_hours))
     yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     await auth.close()
 
 

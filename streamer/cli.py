@@ -131,8 +131,9 @@ def _migrate(settings: Settings, database: Database) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from streamer.db import Database
-    from streamer.workers import run_server, serve_workers
+    from streamer.workers import raise_on_sigterm, run_server, serve_workers
 
+    raise_on_sigterm()  # so that a SIGTERM during start-up unwinds `with Database`
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     with Database.from_settings(settings) as database:
@@ -148,7 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     from streamer.db import Database
+    from streamer.workers import raise_on_sigterm
 
+    raise_on_sigterm()
     settings = _settings(args)
     setup_logging(settings)
     with Database.from_settings(settings) as database:
@@ -180,7 +183,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from streamer.demo import run_demo
+    from streamer.workers import raise_on_sigterm
 
+    raise_on_sigterm()
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     return run_demo(settings)
@@ -224,7 +229,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamer.workers import StartupError
+    from streamer.workers import StartupError, Terminated
 
     args = parser().parse_args(argv)
     try:
@@ -235,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"streamer: {exc}", file=sys.stderr)
         return 1
+    except Terminated:
+        log.info("stopped on SIGTERM")
+        return 0  # as asked, and what it had started is stopped: as when serving
     except KeyboardInterrupt:
         return 130
     return code

@@ -35,29 +35,28 @@ def migrate(dsn: str) -> list[str]:
     """Apply every migration not yet recorded, in file-name order; returns those applied."""
     applied: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
+        # Held until the connection closes, however the run ends: an unlock in a `finally`
+        # fails on a connection cut mid-query (a SIGTERM) and hides why the run ended.
         conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-        try:
-            conn.execute("create schema if not exists streamer")
-            conn.execute(
-                "create table if not exists streamer.migrations ("
-                " name text primary key, checksum text not null,"
-                " applied_at timestamptz not null default now())"
-            )
-            done = {name for (name,) in conn.execute("select name from streamer.migrations")}
-            for path in migrations():
-                if path.name in done:
-                    continue
-                text = path.read_text()
-                with conn.transaction():
-                    conn.execute(sql.SQL(text))
-                    conn.execute(
-                        "insert into streamer.migrations (name, checksum) values (%s, %s)",
-                        (path.name, hashlib.sha256(text.encode()).hexdigest()),
-                    )
-                applied.append(path.name)
-                log.info("applied migration %s", path.name)
-        finally:
-            conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        conn.execute("create schema if not exists streamer")
+        conn.execute(
+            "create table if not exists streamer.migrations ("
+            " name text primary key, checksum text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        done = {name for (name,) in conn.execute("select name from streamer.migrations")}
+        for path in migrations():
+            if path.name in done:
+                continue
+            text = path.read_text()
+            with conn.transaction():
+                conn.execute(sql.SQL(text))
+                conn.execute(
+                    "insert into streamer.migrations (name, checksum) values (%s, %s)",
+                    (path.name, hashlib.sha256(text.encode()).hexdigest()),
+                )
+            applied.append(path.name)
+            log.info("applied migration %s", path.name)
     return applied
 
 
@@ -85,13 +84,12 @@ class Database:
         if settings.database_url is not None:
             return cls(settings.database_url, settings.listen_database_url or settings.database_url)
         server = EmbeddedPostgres(settings.data_dir / "postgres")
-        was_running = server.is_running()
-        server.start()
-        dsn = server.url(EMBEDDED_DATABASE)
-        database = cls(dsn, dsn, server, started_embedded=not was_running)
+        database = cls("", "", server, started_embedded=not server.is_running())
         try:
+            server.start()
+            database.dsn = database.listen_dsn = server.url(EMBEDDED_DATABASE)
             ensure_database(server.url(), EMBEDDED_DATABASE)
-        except BaseException:
+        except BaseException:  # a failure, or SIGTERM or Ctrl-C: stop what was started
             database.close()
             raise
         return database

@@ -72,13 +72,25 @@ class EmbeddedPostgres:
 
     def _run(self, binary: str, *args: str) -> None:
         command = [str(POSTGRES_BIN_PATH / binary), *args]
-        result = subprocess.run(
-            command, user=self._run_as, capture_output=True, text=True, timeout=120, check=False
-        )
-        if result.returncode != 0:
+        pipe = subprocess.PIPE
+        with subprocess.Popen(
+            command, user=self._run_as, stdout=pipe, stderr=pipe, text=True
+        ) as process:
+            try:
+                _, stderr = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                raise
+            except BaseException:
+                # SIGTERM or Ctrl-C: not killed half-way, as subprocess.run would. A killed
+                # initdb leaves a data dir that never starts, a killed `pg_ctl start` a
+                # server that nothing stops. The interruption goes on once it is done.
+                process.communicate()
+                raise
+        if process.returncode != 0:
             log = self.data_dir / "postgres.log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{binary} failed: {result.stderr.strip()}\n{tail}")
+            raise RuntimeError(f"{binary} failed: {stderr.strip()}\n{tail}")
 
     def _prepare_permissions(self) -> None:
         if self._run_as is None:

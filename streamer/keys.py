@@ -10,6 +10,7 @@ from streamer.config import Settings
 from streamer.hub import Hub
 from streamer.listener import Listener
 from streamer.metrics import Metrics
+from streamer.tasks import Supervisor
 
 SETTINGS = web.AppKey("settings", Settings)
 DSN = web.AppKey("dsn", str)
@@ -19,3 +20,4 @@ AUTH = web.AppKey("auth", Authenticator)
 POOL = web.AppKey("pool", asyncpg.Pool)
 HUB = web.AppKey("hub", Hub)
 LISTENER = web.AppKey("listener", Listener)
+TASKS = web.AppKey("tasks", Supervisor)

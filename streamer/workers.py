@@ -34,6 +34,23 @@ class StartupError(Exception):
     """The service could not start (database, port); the message is one line."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python would otherwise die on the spot. Like Ctrl-C's
+    KeyboardInterrupt, asyncio and subprocess let it through, so every `with` block unwinds
+    and the embedded Postgres that `serve` started is stopped."""
+
+
+def raise_on_sigterm() -> None:
+    """From now until an event loop or the workers' supervisor takes SIGTERM over, it raises
+    Terminated; a second one, while the first unwinds, is ignored."""
+
+    def terminated(_signum: int, _frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -50,7 +67,13 @@ def run_server(
     from streamer.cli import setup_logging
 
     setup_logging(settings)
-    asyncio.run(_serve(settings, dsn, listen_dsn, reuse_port=reuse_port, demo_user=demo_user))
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        asyncio.run(_serve(settings, dsn, listen_dsn, reuse_port=reuse_port, demo_user=demo_user))
+    finally:
+        # A closed loop leaves SIGTERM at its default, death on the spot: what follows
+        # (stopping the embedded Postgres) gets the handler it had before.
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 async def _serve(
@@ -65,6 +88,12 @@ async def _serve(
     from streamer.app import create_app
     from streamer.server import server_options
 
+    # First of all: a signal while the pool and the LISTEN connection come up stops the
+    # service as cleanly as one while it serves.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     app = create_app(settings, dsn, listen_dsn)
     if demo_user is not None:
         from streamer.demo import add_demo_routes
@@ -77,10 +106,6 @@ async def _serve(
         handler_cancellation=True,  # a client that leaves releases its stream at once
         shutdown_timeout=SHUTDOWN_SECONDS,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await runner.setup()
     except DATABASE_ERRORS as exc:

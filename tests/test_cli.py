@@ -1,5 +1,5 @@
-"""`streamer serve` as an operator runs it: settings checked at start-up, SIGTERM, JSON logs,
-several workers on one port."""
+"""`streamer serve` as an operator runs it: settings checked at start-up, SIGTERM (while
+serving, or while starting up), JSON logs, several workers on one port."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import SECRET, insert_file, token_for
+from streamer.embedded import EmbeddedPostgres
+from tests.conftest import SECRET, insert_file, token_for, wait_until
 from tests.scrape import scrape
 from tests.sse import open_stream
 
@@ -291,3 +293,40 @@ async def test_a_worker_that_dies_stops_the_whole_service_for_its_supervisor_to_
             os.kill(other, 0)  # ended, and reaped by the service
         errors = [r["message"] for r in server.records() if r["level"] == "error"]
         assert errors == [f"worker {dead} exited (-9); stopping the others"]
+
+
+@pytest.mark.parametrize("moment", ["postgres-starting", "migrating"])
+async def test_sigterm_during_start_up_stops_the_embedded_postgres_and_exits_0(
+    tmp_path: Path, moment: str
+):
+    data_dir = tmp_path / "data"
+    postgres = EmbeddedPostgres(data_dir / "postgres")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamer",
+        "serve",
+        env=environment(
+            STREAMER_DATA_DIR=str(data_dir), STREAMER_PORT="0", STREAMER_LOG_FORMAT="json"
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    server = Serving(process)
+    server._reader = asyncio.create_task(server._read())
+    try:
+        if moment == "postgres-starting":
+            # The server has begun its log: pg_ctl waits for it to accept connections.
+            log = postgres.data_dir / "postgres.log"
+            await wait_until(lambda: log.exists() and "starting PostgreSQL" in log.read_text(), 60)
+        else:
+            await server.wait_for(1, lambda line: "applied migration" in line)
+        code = await server.stop()
+        assert not postgres.is_running()
+        assert code == 0, "\n".join(server.lines)
+        assert "Traceback" not in "\n".join(server.lines)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        postgres.destroy()

@@ -1,0 +1,67 @@
+"""One owner for every long-lived task of a process: none of them dies unnoticed.
+
+A task that fails (raises anything but CancelledError, or returns: it was meant to run
+forever) is logged once with its traceback, counted in
+`streamer_task_failures_total{task=...}` and started again after a jittered exponential
+backoff, which starts over once the task has run well for a while. Stopping the supervisor
+cancels every task and waits until each has ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+from streamer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+FIRST_DELAY = 0.1
+MAX_DELAY = 5.0
+HEALTHY_AFTER = 60.0  # a task that ran this long before failing restarts from FIRST_DELAY
+
+
+class Supervisor:
+    def __init__(self, metrics: Metrics, *, max_delay: float = MAX_DELAY) -> None:
+        self.metrics = metrics
+        self.max_delay = max_delay
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """Run `run()` as the task `name` until `stop`, calling it again whenever it fails."""
+        if name in self._tasks:
+            raise ValueError(f"a task named {name!r} is already running")
+        self.metrics.task_failures.labels(task=name)  # reported, as 0, before any failure
+        self._tasks[name] = asyncio.create_task(self._keep(name, run), name=name)
+
+    async def stop(self) -> None:
+        """Cancel every task and wait until each has ended."""
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        # Their CancelledError is the expected result; one of our own (stop cancelled)
+        # still propagates.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            started = loop.time()
+            try:
+                await run()
+                failed = None
+            except Exception as exc:  # not CancelledError: stop() ends the task that way
+                failed = exc
+            failures = 1 if loop.time() - started > HEALTHY_AFTER else failures + 1
+            delay = min(self.max_delay, FIRST_DELAY * 2 ** min(failures - 1, 10))
+            delay *= random.uniform(0.5, 1.0)
+            if failed is None:
+                log.error("task %r ended; restarting it in %.2f s", name, delay)
+            else:
+                log.error("task %r failed; restarting it in %.2f s", name, delay, exc_info=failed)
+            self.metrics.task_failures.labels(task=name).inc()
+            await asyncio.sleep(delay)

@@ -1,0 +1,137 @@
+"""Every long-lived task has an owner: a task that fails is logged once with its traceback,
+counted in /metrics and restarted, never left dead while the process stays up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+import pytest
+
+from streamer import keys
+from streamer.metrics import Metrics
+from streamer.tasks import Supervisor
+from tests.conftest import Service, insert_file, token_for, wait_until
+from tests.scrape import eventually, scrape
+from tests.sse import open_stream
+
+EVENTS = "/api/files/events"
+
+
+def failures(metrics: Metrics, task: str) -> float | None:
+    return metrics.registry.get_sample_value("streamer_task_failures_total", {"task": task})
+
+
+def supervisor_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "streamer.tasks"]
+
+
+async def test_a_task_that_fails_twice_is_logged_counted_and_restarted_until_it_runs(
+    caplog: pytest.LogCaptureFixture,
+):
+    metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    calls = 0
+    running = asyncio.Event()
+
+    async def flaky() -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError(f"failure {calls}")
+        running.set()
+        await asyncio.Event().wait()
+
+    supervisor.start("flaky", flaky)
+    try:
+        await asyncio.wait_for(running.wait(), timeout=10)
+    finally:
+        await supervisor.stop()
+    assert calls == 3
+    assert failures(metrics, "flaky") == 2
+    lines = supervisor_lines(caplog)
+    assert [line.levelno for line in lines] == [logging.ERROR, logging.ERROR]
+    assert all("'flaky' failed" in line.getMessage() for line in lines)
+    errors = [line.exc_info[1] if line.exc_info else None for line in lines]
+    assert [str(error) for error in errors] == ["failure 1", "failure 2"]  # with traceback
+
+
+async def test_stopping_the_supervisor_cancels_every_task_and_waits_until_each_has_ended(
+    caplog: pytest.LogCaptureFixture,
+):
+    metrics = Metrics()
+    supervisor = Supervisor(metrics)
+    started = asyncio.Event()
+    cleaned_up = []
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.sleep(0)  # a clean-up that takes a turn of the loop
+            cleaned_up.append("forever")
+
+    async def always_failing() -> None:
+        raise RuntimeError("always")
+
+    supervisor.start("forever", forever)
+    supervisor.start("failing", always_failing)
+    await started.wait()
+    await wait_until(lambda: failures(metrics, "failing") == 1)  # now waiting to restart
+    await supervisor.stop()
+
+    assert cleaned_up == ["forever"]
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in ("forever", "failing")]
+    assert failures(metrics, "forever") == 0  # a cancelled task did not fail
+    assert [line.getMessage().split(";")[0] for line in supervisor_lines(caplog)] == [
+        "task 'failing' failed"
+    ]
+
+
+async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_carry_on(
+    service: Service,
+    database_url: str,
+    db: asyncpg.Connection,
+    user,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    listener = service.app[keys.LISTENER]
+    recover = listener._recover
+    bug = RuntimeError("a bug in recovery")
+
+    async def recover_failing_once():  # as a row that no longer fits the model would
+        monkeypatch.setattr(listener, "_recover", recover)
+        raise bug
+
+    async def ready() -> bool:
+        async with service.session.get(service.url("/readyz")) as response:
+            return response.status == 200
+
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        monkeypatch.setattr(listener, "_recover", recover_failing_once)
+        # The LISTEN connection is cut: the listener reconnects, and its recovery raises.
+        assert listener.connection is not None
+        owner = await asyncpg.connect(database_url)
+        try:
+            pid = listener.connection.get_server_pid()
+            assert await owner.fetchval("select pg_terminate_backend($1)", pid)
+        finally:
+            await owner.close()
+        await wait_until(lambda: bool(supervisor_lines(caplog)))
+
+        await eventually(ready)
+        samples = await scrape(service.session, service.url("/metrics"))
+        assert samples['streamer_task_failures_total{task="listener"}'] == 1
+        assert samples["streamer_listener_up"] == 1
+        file_id = await insert_file(db, user, "after.pdf")
+        while (await stream.next()).file["id"] != str(file_id):
+            pass  # a repeat of what it already has is allowed after a reconnect
+
+    [line] = supervisor_lines(caplog)
+    assert "'listener' failed" in line.getMessage()
+    assert line.exc_info is not None and line.exc_info[1] is bug
+    # Logged once: by its supervisor, not again by asyncio or the listener.
+    assert [r for r in caplog.records if r.exc_info and r.exc_info[1] is bug] == [line]

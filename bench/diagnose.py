@@ -32,7 +32,7 @@ from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import SECRET, Postgres, cleanup, rss_bytes
 from bench.load import Population, Receivers, plan
-from bench.writer_cost import SCRIPT, configure, seed
+from bench.writer_cost import ENABLE_FILES, SCRIPT, configure, seed
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.embedded import _free_port
@@ -131,6 +131,25 @@ class Variant:
     body: str | None  # the AFTER (or BEFORE) trigger's body; None: as configure() leaves it
     stamp: bool = False  # keep the feed's BEFORE version stamp
     before: bool = False  # one BEFORE trigger instead of an AFTER one (it returns new)
+    # The feed's own AFTER function with these (text, replacement) edits: what one part of
+    # it costs. Only with body None.
+    edits: tuple[tuple[str, str], ...] = ()
+
+
+_NO_TZ = (""" SET "TimeZone" TO 'UTC'\n""", "")
+_NO_SEARCH_PATH = (""" SET search_path TO 'pg_catalog', 'pg_temp'\n""", "")
+_NO_DEFINER = (" SECURITY DEFINER\n", "")
+_NO_TERMINAL = (
+    "declare status text := new.status; begin streamer_notify.ended := "
+    "coalesce((status in ('ready', 'failed'))::boolean, false); end;",
+    "",
+)
+_NO_SIGNATURE = (
+    "encode(sha256(k.opad || sha256(k.ipad || convert_to(body, 'UTF8'))), 'hex') || body",
+    "body",
+)
+_NO_KEY_QUERY = ("select s.ipad, s.opad into k from streamer.signing_key s;", "")
+_ROW_TO_JSON = ("((j - 'user_id'))::text", "row_to_json(new)::text")
 
 
 VARIANTS: dict[str, Variant] = {
@@ -147,19 +166,36 @@ VARIANTS: dict[str, Variant] = {
         _STAMP + _FAST.replace("HORIZON", _HORIZON).replace("RESULT", "new"), before=True
     ),
     "feed": Variant(None),
+    "feed, no SET TimeZone": Variant(None, edits=(_NO_TZ,)),
+    "feed, no SET clauses": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH)),
+    "feed, invoker, no SET": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH, _NO_DEFINER)),
+    "feed, no terminal": Variant(None, edits=(_NO_TERMINAL,)),
+    "feed, unsigned": Variant(None, edits=(_NO_SIGNATURE, _NO_KEY_QUERY)),
+    "feed, row_to_json": Variant(None, edits=(_ROW_TO_JSON,)),
 }
 
 
 def _set_variant(pg: Postgres, name: str) -> None:
     variant = VARIANTS[name]
-    configure(pg, "feed" if name == "feed" else "none")
+    configure(pg, "feed" if variant.body is None else "none")
     if variant.body is None:
+        if variant.edits:
+            with pg.connect() as conn:
+                row = conn.execute(
+                    "select pg_get_functiondef('streamer.files_notify'::regproc)"
+                ).fetchone()
+                assert row is not None
+                definition: str = row[0]
+                for text, replacement in variant.edits:
+                    assert text in definition, f"{name}: {text!r} is not in the trigger"
+                    definition = definition.replace(text, replacement)
+                conn.execute(definition)
         return
     result = "new" if variant.before else "null"
     body = variant.body.replace("RESULT", result)
     with pg.connect() as conn:
         if variant.stamp:
-            conn.execute("select streamer.enable_feed('files', 'user_id')")
+            conn.execute(ENABLE_FILES)
             conn.execute("drop trigger streamer_notify on files")
         conn.execute(
             "create or replace function bench_bare_notify() returns trigger language plpgsql "

@@ -40,6 +40,11 @@ begin
     return null;
 end $$;
 """
+# The files feed as sql/003_feeds.sql enables it.
+ENABLE_FILES = (
+    "select streamer.enable_feed('files', owner_column => 'user_id', event => 'file', "
+    "terminal => $$status in ('ready', 'failed')$$)"
+)
 DROP_FEED = (
     "drop trigger if exists streamer_stamp on files",
     "drop trigger if exists streamer_notify on files",
@@ -64,7 +69,7 @@ def configure(pg: Postgres, config: str) -> None:
         for statement in DROP_FEED:
             conn.execute(statement)
         if config == "feed":
-            conn.execute("select streamer.enable_feed('files', 'user_id')")
+            conn.execute(ENABLE_FILES)
         elif config == "bare":
             conn.execute(BARE_NOTIFY)
             conn.execute(

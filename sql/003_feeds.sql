@@ -166,9 +166,20 @@ begin
     if terminal is not null then
         -- Compiled here, so a mistake is an error now and not in a writer's statement.
         execute format('select (%s)::boolean from %s where false', terminal, tbl);
-        is_terminal := format('coalesce((select (%s)::boolean from (select new.*) r), false)', terminal);
+        -- The expression names columns bare: in the trigger they become variables of an
+        -- inner block, so it is evaluated as a plain expression (a subquery over `new`
+        -- would cost every writer a trip through the executor).
+        select string_agg(format('%I %s := new.%I;', a.attname,
+                                 format_type(a.atttypid, a.atttypmod), a.attname), ' ')
+        into is_terminal
+        from pg_attribute a
+        where a.attrelid = tbl and a.attnum > 0 and not a.attisdropped
+          and position(a.attname in enable_feed.terminal) > 0;
+        is_terminal := format(
+            'declare %s begin streamer_notify.ended := coalesce((%s)::boolean, false); end;',
+            coalesce(is_terminal, ''), terminal);
     else
-        is_terminal := 'false';
+        is_terminal := '';
     end if;
 
     execute format('alter table %s add column if not exists version bigint not null default 0', tbl);
@@ -209,7 +220,9 @@ begin
         create or replace function streamer.%1$I() returns trigger
         language plpgsql security definer set search_path = pg_catalog, pg_temp
         set timezone = 'UTC' as $body$
+        <<streamer_notify>>
         declare
+            ended boolean := false;
             xid bigint := txid_current();
             tail text := ',"x":' || xid || ',"m":' || txid_snapshot_xmin(txid_current_snapshot())
                 || ',"t":' || extract(epoch from clock_timestamp());
@@ -227,9 +240,10 @@ begin
                 body := '{"f":' || %4$L || ',"o":"d","id":' || to_json(old.id) || ',"u":'
                     || to_json(old.%3$I::text) || ',"v":' || gone_version || tail || '}';
             else
+                %5$s
                 body := '{"f":' || %4$L || ',"o":"u","id":' || to_json(new.id) || ',"u":'
                     || to_json(new.%3$I::text) || ',"v":' || new.version || tail
-                    || ',"e":' || %5$s;
+                    || ',"e":' || ended;
                 if tg_op = 'UPDATE' and new.%3$I is distinct from old.%3$I then
                     insert into streamer.tombstones as t (feed, owner_id, row_id, version)
                     values (%2$L, old.%3$I::text, old.id::text, new.version)

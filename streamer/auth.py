@@ -93,7 +93,9 @@ class Authenticator:
         """The request's token: Authorization header, then query parameter, then cookie.
 
         The first place that holds a token decides: a stale cookie left beside a fresh
-        header or query token must not refuse the request (a browser would loop on it)."""
+        header or query token must not refuse the request (a browser would loop on it).
+        Two different tokens in that one place are refused rather than guessed between."""
+        headers: list[str] = []
         malformed_header: str | None = None
         for value in request.headers.getall(hdrs.AUTHORIZATION, []):
             scheme, _, credentials = value.strip().partition(" ")
@@ -105,15 +107,19 @@ class Authenticator:
             elif not credentials:
                 raise TokenInvalid("The Authorization header carries an empty bearer token.")
             else:
-                return credentials
-        for value in request.query.getall(QUERY_PARAMETER, []):
-            if not value.strip():
-                raise TokenInvalid(f"The {QUERY_PARAMETER} parameter is empty.")
-            return value.strip()
+                headers.append(credentials)
+        queries = [value.strip() for value in request.query.getall(QUERY_PARAMETER, [])]
+        if "" in queries:
+            raise TokenInvalid(f"The {QUERY_PARAMETER} parameter is empty.")
         # An empty cookie is how a logout clears it: the same as no cookie.
         cookie = request.cookies.get(self._cookie, "").strip()
-        if cookie:
-            return cookie
+        for found in (headers, queries, [cookie] if cookie else []):
+            if found:
+                if any(token != found[0] for token in found[1:]):
+                    raise TokenInvalid(
+                        "The request carries two different tokens in one place; send one."
+                    )
+                return found[0]
         if malformed_header is not None:
             raise TokenInvalid(malformed_header)
         raise AuthRequired()

@@ -80,6 +80,7 @@ class Listener:
         self.sessions = 0
         self._marker: tuple[str, Snapshot] | None = None
         self._key = b""  # what the feed's triggers sign with: read at each connect
+        self._failure: Exception | None = None  # raised by a notification callback
 
     # -- connection lifecycle -------------------------------------------------------
 
@@ -102,6 +103,7 @@ class Listener:
 
     async def _session(self) -> None:
         self._lost.clear()
+        self._failure = None
         self._holding = True
         conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)
         self.connection = conn
@@ -145,12 +147,15 @@ class Listener:
         await self.pool.execute("select pg_notify($1, $2)", CHANNEL, MARKER + token + '"}')
 
     async def _watch(self, conn: asyncpg.Connection) -> None:
-        """Return when the connection is gone, or does not answer a ping (half-open)."""
+        """Return when the connection is gone, or does not answer a ping (half-open); raise
+        what failed in a notification callback, for the supervisor to see."""
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
-                return
+                break
             await asyncio.wait_for(conn.fetchval("select 1"), timeout=self.ping_timeout)
+        if self._failure is not None:
+            raise self._failure
 
     async def _teardown(self) -> None:
         self.ready.clear()
@@ -175,12 +180,23 @@ class Listener:
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self._inbox.append(payload)
         if not self._holding and self._drain is None:
-            self._dispatch_ready()
+            self._dispatch_guarded()
 
     def _release(self) -> None:
         """Dispatch what arrived while catching up."""
         self._holding = False
-        self._dispatch_ready()
+        self._dispatch_guarded()
+
+    def _dispatch_guarded(self) -> None:
+        """Dispatch from a callback, where an exception would only reach asyncio's log: a
+        failure ends the session instead (the supervisor logs and restarts it, and the
+        recovery catches every stream up on what was not dispatched)."""
+        try:
+            self._dispatch_ready()
+        except Exception as exc:
+            self._failure = exc
+            self._holding = True
+            self._lost.set()
 
     def _already_told(self, change: Notification) -> frozenset[str]:
         """The owners whose streams the last recovery's catch-up already gave this change."""
@@ -232,9 +248,13 @@ class Listener:
             log.warning("could not read back a large row: %s", exc.__class__.__name__)
             self._lost.set()
             return
+        except Exception as exc:
+            self._failure = exc
+            self._lost.set()
+            return
         finally:
             self._drain = None
-        self._dispatch_ready()
+        self._dispatch_guarded()
 
     def _dispatch(
         self,

@@ -25,8 +25,7 @@ class Metrics:
         self.events_sent = Counter("streamer_events_sent", "Events written to streams", registry=r)
         self.events_dropped = Counter(
             "streamer_events_dropped",
-            "Events not delivered: queued for a stream that was disconnected for falling "
-            "behind",
+            "Events not delivered: queued for a stream that was disconnected for falling behind",
             registry=r,
         )
         self.slow_disconnects = Counter(

@@ -135,3 +135,30 @@ async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_ca
     assert line.exc_info is not None and line.exc_info[1] is bug
     # Logged once: by its supervisor, not again by asyncio or the listener.
     assert [r for r in caplog.records if r.exc_info and r.exc_info[1] is bug] == [line]
+
+
+async def test_a_change_whose_dispatch_raises_restarts_the_listener_and_still_arrives(
+    service: Service,
+    db: asyncpg.Connection,
+    user,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+):
+    hub = service.app[keys.HUB]
+    dispatch = hub.dispatch
+    bug = RuntimeError("a bug in dispatch")
+
+    def dispatch_failing_once(*args, **kwargs):  # called from a notification callback
+        monkeypatch.setattr(hub, "dispatch", dispatch)
+        raise bug
+
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        monkeypatch.setattr(hub, "dispatch", dispatch_failing_once)
+        file_id = await insert_file(db, user, "unlucky.pdf")
+        # The recovery after the restart catches the stream up on the change that failed.
+        while (await stream.next()).file["id"] != str(file_id):
+            pass
+    [line] = supervisor_lines(caplog)
+    assert "'listener' failed" in line.getMessage()
+    assert line.exc_info is not None and line.exc_info[1] is bug
+    assert failures(service.app[keys.METRICS], "listener") == 1

@@ -1,6 +1,8 @@
 // Types for streamer-client.js. Field names are exactly those of the wire format
 // (SPEC.md, "GET /api/files/events"); a test compares them with the Python models, the
-// `files` table and the frames the server builds.
+// `files` table and the frames the server builds. Any other feed (SPEC.md, "Any table is a
+// feed") has the same events with its own row type: the generic types below, whose `Row`
+// defaults to the files feed's.
 
 /**
  * A row's processing status: the values the `files` table allows today, and any string,
@@ -84,6 +86,40 @@ export interface StreamEventMap {
 
 export type StreamEvent = StreamEventMap[keyof StreamEventMap];
 
+/**
+ * A row's primary key as JSON carries it: a uuid or text is a string, a bigint a number
+ * (past 2^53 a JavaScript number rounds it, as JSON.parse does everywhere).
+ */
+export type RowId = string | number;
+
+/** What every feed's row carries: its id, and `version` to order its updates. */
+export interface FeedRow {
+  id: RowId;
+  version: number;
+}
+
+/** `event: <event>-update` of any feed, its row under the data key `<event>`. */
+export type RowUpdateEvent<Row extends FeedRow = StreamedFile, Event extends string = "file"> = {
+  eventType: `${Event}-update`;
+  timestamp: string;
+} & { [K in Event]: Row };
+
+/** `event: <event>-deleted` of any feed: the row's id under the data key `<event>`. */
+export type RowDeletedEvent<Row extends FeedRow = StreamedFile, Event extends string = "file"> = {
+  eventType: `${Event}-deleted`;
+  timestamp: string;
+} & { [K in Event]: { id: Row["id"] } };
+
+/** Every event of a feed, by its SSE event name; for files, the same as StreamEventMap. */
+export type FeedEventMap<Row extends FeedRow = StreamedFile, Event extends string = "file"> = {
+  [K in `${Event}-update`]: RowUpdateEvent<Row, Event>;
+} & { [K in `${Event}-deleted`]: RowDeletedEvent<Row, Event> } & {
+  heartbeat: HeartbeatEvent;
+  synced: SyncedEvent;
+  reset: ResetEvent;
+  "token-expired": TokenExpiredEvent;
+};
+
 /** The Svelte store contract: `fn` is called at once, then on every change. */
 export interface Readable<T> {
   subscribe(fn: (value: T) => void): () => void;
@@ -123,6 +159,39 @@ interface CommonOptions {
   maxRetries?: number;
 }
 
+/** Which feed to follow (SPEC.md, "Any table is a feed"). */
+export interface FeedOptions extends CommonOptions {
+  /** The feed's name (its table): `/api/<feed>/events`. Default "files". */
+  feed?: string;
+  /**
+   * The feed's event name, exactly as given to `streamer.enable_feed(..., event => …)`:
+   * the client listens to `<event>-update` and `<event>-deleted` and reads the row under
+   * the data key `<event>`. Default "file" for the files feed, else the feed's name.
+   */
+  event?: string;
+}
+
+export interface ConnectFeedOptions extends FeedOptions {
+  /** Default "/api/<feed>/events". */
+  url?: string;
+  /** Ask for every current row before `synced`. Default true. */
+  snapshot?: boolean;
+}
+
+export interface WatchRowOptions<Row extends FeedRow = StreamedFile> extends FeedOptions {
+  /** The row to follow: a string for uuid and text ids, a number (or its string) for bigints. */
+  id: RowId;
+  /** Default (id) => "/api/<feed>/" + id + "/events". */
+  url?: string | ((id: RowId) => string);
+  /**
+   * Whether an update is the row's last: the store then closes for good. Mirror the feed's
+   * `enable_feed(..., terminal => …)`, after which the server ends the stream. Default for
+   * files: status "ready" or "failed"; for other feeds none: only a delete ends the watch,
+   * and the browser reconnects each time the server ends the stream at a terminal row.
+   */
+  terminal?: (row: Row) => boolean;
+}
+
 export interface ConnectFilesOptions extends CommonOptions {
   /** Default "/api/files/events". */
   url?: string;
@@ -136,6 +205,35 @@ export interface WatchFileOptions extends CommonOptions {
   /** Default (id) => "/api/files/" + id + "/events". */
   url?: string | ((id: string) => string);
 }
+
+export interface FeedState<Row extends FeedRow = StreamedFile> {
+  /**
+   * id → row; a new object on every change, never mutated. A numeric id is a key as its
+   * decimal string (`rows[7]` and `rows["7"]` are the same row), and such keys come first
+   * in ascending order, as for any JavaScript object.
+   */
+  rows: Record<string, Row>;
+  status: ConnectionStatus;
+  /** The last connection problem, as a sentence; null once live again. */
+  error: string | null;
+  /** The last cursor received. */
+  lastEventId: string | null;
+  /** Date.now() of the last event received, heartbeats included. */
+  lastSeen: number | null;
+}
+
+export interface RowState<Row extends FeedRow = StreamedFile> {
+  /** null before the first event and after `<event>-deleted`. */
+  row: Row | null;
+  status: ConnectionStatus;
+  error: string | null;
+  lastEventId: string | null;
+  lastSeen: number | null;
+}
+
+/** A store of any feed, generic over its row type; the files feed's by default. */
+export type FeedStore<Row extends FeedRow = StreamedFile> = Readable<FeedState<Row>>;
+export type RowStore<Row extends FeedRow = StreamedFile> = Readable<RowState<Row>>;
 
 export interface FilesState {
   /** id → file; a new object on every change, never mutated. */
@@ -159,6 +257,19 @@ export interface FileState {
 }
 
 export declare const DEFAULT_BACKOFF: Readonly<Required<Backoff>>;
+
+/**
+ * Every row of the caller in one feed, live: `connectFeed<Job>({ feed: "jobs", event: "job" })`.
+ * Connects on the first subscriber, closes after the last.
+ */
+export declare function connectFeed<Row extends FeedRow = StreamedFile>(
+  options?: ConnectFeedOptions,
+): FeedStore<Row>;
+
+/** One row of a feed until `terminal(row)` or its deletion; then status "closed", for good. */
+export declare function watchRow<Row extends FeedRow = StreamedFile>(
+  options: WatchRowOptions<Row>,
+): RowStore<Row>;
 
 /** Every file of the caller, live. Connects on the first subscriber, closes after the last. */
 export declare function connectFiles(options?: ConnectFilesOptions): Readable<FilesState>;

@@ -1,37 +1,89 @@
-// streamer-client.js: follow a user's files over Server-Sent Events.
+// streamer-client.js: follow a user's rows of a feed (files by default) over Server-Sent Events.
 //
 // A plain ES module with no dependencies. Each function returns a readable store that
 // honours the Svelte store contract (subscribe calls back at once and returns an
 // unsubscribe function), so it also works with React's useSyncExternalStore, Vue, or
 // by hand. The connection opens with the first subscriber and closes with the last.
 //
-//   import { connectFiles } from "/static/streamer-client.js";
+//   import { connectFiles, connectFeed } from "/static/streamer-client.js";
 //   const files = connectFiles({ getToken: () => fetchMyJwt() });
 //   const stop = files.subscribe(({ files, status, error }) => render(files, status));
+//   // Any other table enabled with streamer.enable_feed('jobs', ..., event => 'job'):
+//   const jobs = connectFeed({ feed: "jobs", event: "job", getToken: () => fetchMyJwt() });
+//   jobs.subscribe(({ rows, status }) => render(rows, status));
 
 const CONNECTING = 0;
 const CLOSED = 2;
-const TERMINAL = new Set(["ready", "failed"]);
-// Enough to stop a late repeat from resurrecting a deleted file, without growing forever.
+const FILES = "files";
+const FILE_TERMINAL = new Set(["ready", "failed"]);
+// Enough to stop a late repeat from resurrecting a deleted row, without growing forever.
 const TOMBSTONES = 1000;
 
 export const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000 });
 
 /**
- * Every file of the caller, kept current.
- * Value: { files, status, error, lastEventId, lastSeen }, where `files` is a plain
- * object of id → file, replaced (never mutated) on every change.
+ * A feed's names. `event` must be the one the server was given in
+ * `enable_feed(..., event => …)`: it names the events (`<event>-update`, `<event>-deleted`)
+ * and the data key that holds the row. Default: "file" for "files", else the feed's name.
  */
-export function connectFiles({
-  url = "/api/files/events",
-  getToken,
-  snapshot = true,
-  EventSourceImpl = globalThis.EventSource,
-  withCredentials = false,
-  backoff = DEFAULT_BACKOFF,
-  maxRetries = Infinity,
-} = {}) {
-  const deleted = new Map(); // id → last version held, for files removed by file-deleted
+function feedNames(feed = FILES, event) {
+  if (typeof feed !== "string" || feed === "") throw new TypeError("feed must be a table's name");
+  if (event == null || event === "") event = feed === FILES ? "file" : feed;
+  return { path: "/api/" + encodeURIComponent(feed), event };
+}
+
+/**
+ * Every row of the caller in one feed, kept current.
+ * Value: { rows, status, error, lastEventId, lastSeen }, where `rows` is a plain object
+ * of id → row (a bigint id is a number on the wire and its decimal string as a key),
+ * replaced (never mutated) on every change.
+ */
+export function connectFeed(options) {
+  return feedStore(options, "rows");
+}
+
+/** connectFeed for the `files` feed, with the rows under `files`. */
+export function connectFiles(options) {
+  return feedStore(options, "files");
+}
+
+/**
+ * One row of a feed, until it reaches its end.
+ * Value: { row, status, error, lastEventId, lastSeen }. `row` is null before the first
+ * event and after `<event>-deleted`. The store reaches status "closed" for good after
+ * `<event>-deleted` or an update for which `terminal(row)` is true, and does not
+ * reconnect. `terminal` should say what the feed's `enable_feed(..., terminal => …)` says
+ * (the server ends the stream there); for `files` it defaults to status ready or failed.
+ */
+export function watchRow(options) {
+  return rowStore(options, "row", "watchRow needs the row's id");
+}
+
+/** watchRow for the `files` feed, with the row under `file`. */
+export function watchFile(options) {
+  return rowStore(options, "file", "watchFile needs the file's id");
+}
+
+// The store of connectFeed and connectFiles: `key` names the value's id → row object.
+function feedStore(
+  {
+    feed,
+    event: eventName,
+    url,
+    getToken,
+    snapshot = true,
+    EventSourceImpl = globalThis.EventSource,
+    withCredentials = false,
+    backoff = DEFAULT_BACKOFF,
+    maxRetries = Infinity,
+  } = {},
+  key,
+) {
+  const { path, event } = feedNames(feed, eventName);
+  if (url == null) url = path + "/events";
+  // id → last version held, for rows removed by <event>-deleted. Keyed as object keys are
+  // (a string), so a numeric id and its string are one row.
+  const deleted = new Map();
   // Our own reconnects resume from the last cursor seen while live: before `synced` the
   // server is still catching up, and a cursor from the middle of that could skip rows.
   let resumeFrom = null;
@@ -42,7 +94,7 @@ export function connectFiles({
   };
 
   return liveStore(
-    { files: {}, status: "closed", error: null, lastEventId: null, lastSeen: null },
+    { [key]: {}, status: "closed", error: null, lastEventId: null, lastSeen: null },
     {
       EventSourceImpl,
       withCredentials,
@@ -58,31 +110,33 @@ export function connectFiles({
         if (!snapshot) return { query: {} };
         // Leftovers of an unfinished snapshot may be gone by now; the new one replaces them.
         deleted.clear();
-        return { query: { snapshot: "1" }, patch: { files: {} } };
+        return { query: { snapshot: "1" }, patch: { [key]: {} } };
       },
       events: {
-        "file-update"(data, { value }) {
-          const file = data && data.file;
-          if (!file || file.id == null) return {};
-          const held = value.files[file.id];
-          const floor = held ? held.version : deleted.get(file.id);
-          if (isStale(file.version, floor)) return {};
-          deleted.delete(file.id);
-          return { files: { ...value.files, [file.id]: file } };
+        [`${event}-update`](data, { value }) {
+          const row = data && data[event];
+          if (!row || row.id == null) return {};
+          const id = String(row.id);
+          const held = own(value[key], id);
+          const floor = held ? held.version : deleted.get(id);
+          if (isStale(row.version, floor)) return {};
+          deleted.delete(id);
+          return { [key]: { ...value[key], [id]: row } };
         },
-        "file-deleted"(data, { value }) {
-          const id = data && data.file && data.file.id;
-          if (id == null) return {};
-          const held = value.files[id];
+        [`${event}-deleted`](data, { value }) {
+          const raw = data && data[event] && data[event].id;
+          if (raw == null) return {};
+          const id = String(raw);
+          const held = own(value[key], id);
           if (held && typeof held.version === "number") remember(deleted, id, held.version);
           if (!held) return {};
-          const { [id]: _removed, ...files } = value.files;
-          return { files };
+          const { [id]: _removed, ...rows } = value[key];
+          return { [key]: rows };
         },
         reset() {
-          // A full snapshot follows: start over rather than keep files that may be gone.
+          // A full snapshot follows: start over rather than keep rows that may be gone.
           deleted.clear();
-          return { files: {} };
+          return { [key]: {} };
         },
         synced(_data, { connected }) {
           connected();
@@ -101,27 +155,34 @@ export function connectFiles({
   );
 }
 
-/**
- * One file, until its processing ends.
- * Value: { file, status, error, lastEventId, lastSeen }. `file` is null before the first
- * event and after `file-deleted`. The store reaches status "closed" for good after a
- * terminal status (`ready` or `failed`) or `file-deleted`, and does not reconnect.
- */
-export function watchFile({
-  url = (id) => "/api/files/" + encodeURIComponent(id) + "/events",
-  id,
-  getToken,
-  EventSourceImpl = globalThis.EventSource,
-  withCredentials = false,
-  backoff = DEFAULT_BACKOFF,
-  // A file that does not exist fails exactly like an expired token (EventSource shows
-  // no status code), so give up after a few failures in a row instead of forever.
-  maxRetries = 5,
-} = {}) {
-  if (id == null || id === "") throw new TypeError("watchFile needs the file's id");
+// The store of watchRow and watchFile: `key` names the value's row.
+function rowStore(
+  {
+    feed,
+    event: eventName,
+    id,
+    url,
+    terminal,
+    getToken,
+    EventSourceImpl = globalThis.EventSource,
+    withCredentials = false,
+    backoff = DEFAULT_BACKOFF,
+    // A row that does not exist fails exactly like an expired token (EventSource shows
+    // no status code), so give up after a few failures in a row instead of forever.
+    maxRetries = 5,
+  } = {},
+  key,
+  missingId,
+) {
+  if (id == null || id === "") throw new TypeError(missingId);
+  const { path, event } = feedNames(feed, eventName);
+  if (url == null) url = (rowId) => path + "/" + encodeURIComponent(rowId) + "/events";
+  if (terminal == null && (feed == null || feed === FILES)) {
+    terminal = (row) => FILE_TERMINAL.has(row.status);
+  }
 
   return liveStore(
-    { file: null, status: "closed", error: null, lastEventId: null, lastSeen: null },
+    { [key]: null, status: "closed", error: null, lastEventId: null, lastSeen: null },
     {
       EventSourceImpl,
       withCredentials,
@@ -131,19 +192,19 @@ export function watchFile({
       url: () => (typeof url === "function" ? url(id) : url),
       prepare: () => ({ query: {} }),
       events: {
-        "file-update"(data, { value, connected, finish }) {
-          const file = data && data.file;
-          if (!file) return {};
+        [`${event}-update`](data, { value, connected, finish }) {
+          const row = data && data[event];
+          if (!row) return {};
           connected();
           const patch = { status: "live", error: null };
-          if (!isStale(file.version, value.file && value.file.version)) patch.file = file;
-          const current = patch.file || value.file;
-          if (current && TERMINAL.has(current.status)) finish();
+          if (!isStale(row.version, value[key] && value[key].version)) patch[key] = row;
+          const current = patch[key] || value[key];
+          if (current && terminal && terminal(current)) finish();
           return patch; // status becomes "closed" if finish() was called
         },
-        "file-deleted"(_data, { finish }) {
+        [`${event}-deleted`](_data, { finish }) {
           finish();
-          return { file: null };
+          return { [key]: null };
         },
         heartbeat() {
           return {};
@@ -155,6 +216,11 @@ export function watchFile({
       },
     },
   );
+}
+
+// A text id may be "constructor" or "__proto__": only the object's own rows count.
+function own(rows, id) {
+  return Object.hasOwn(rows, id) ? rows[id] : undefined;
 }
 
 function isStale(version, held) {

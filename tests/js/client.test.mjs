@@ -2,7 +2,12 @@
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import { connectFiles, watchFile } from "../../streamer/static/streamer-client.js";
+import {
+  connectFeed,
+  connectFiles,
+  watchFile,
+  watchRow,
+} from "../../streamer/static/streamer-client.js";
 
 // A stand-in for the browser's EventSource that a test drives by hand.
 function fakeEventSource() {
@@ -431,5 +436,292 @@ describe("watchFile", () => {
     await settle();
     assert.equal(EventSourceImpl.instances.length, 2);
     unsubscribe();
+  });
+});
+
+// Another feed, as SPEC.md's "Any table is a feed" enables it:
+// enable_feed('jobs', owner_column => 'owner_id', event => 'job', ...) with bigint ids.
+function job(id, version, fields = {}) {
+  return { id, name: `job ${id}`, status: "running", progress: 10, version, ...fields };
+}
+const jobUpdate = (j) => ({ eventType: "job-update", timestamp: "2024-05-01T10:00:00Z", job: j });
+const jobDeleted = (id) => ({
+  eventType: "job-deleted",
+  timestamp: "2024-05-01T10:00:00Z",
+  job: { id },
+});
+
+describe("connectFeed", () => {
+  async function following(options = {}) {
+    const EventSourceImpl = fakeEventSource();
+    let tokens = 0;
+    const getToken = async () => `token-${(tokens += 1)}`;
+    const store = connectFeed({
+      EventSourceImpl,
+      getToken,
+      feed: "jobs",
+      event: "job",
+      ...options,
+    });
+    const values = [];
+    const unsubscribe = store.subscribe((value) => values.push(value));
+    await settle();
+    return { EventSourceImpl, values, unsubscribe, latest: () => values.at(-1) };
+  }
+
+  test("it opens the feed's own URL with the token and a snapshot", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const { url } = EventSourceImpl.last;
+    assert.equal(url.pathname, "/api/jobs/events");
+    assert.equal(url.searchParams.get("access_token"), "token-1");
+    assert.equal(url.searchParams.get("snapshot"), "1");
+    assert.deepEqual(latest().rows, {});
+    assert.equal("files" in latest(), false);
+    unsubscribe();
+  });
+
+  test("it listens to the feed's event names and reads the row under its data key", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const es = EventSourceImpl.last;
+    assert.deepEqual([...es.listeners.keys()].sort(), [
+      "heartbeat",
+      "job-deleted",
+      "job-update",
+      "reset",
+      "synced",
+      "token-expired",
+    ]);
+    es.emit("job-update", jobUpdate(job(7, 1, { progress: 70 })), "c1");
+    es.emit("synced", plain("synced"), "c2");
+    assert.equal(latest().rows[7].progress, 70);
+    assert.equal(latest().status, "live");
+    assert.equal(latest().lastEventId, "c2");
+    unsubscribe();
+  });
+
+  test("numeric ids key the rows, and a stale update of one is dropped", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const es = EventSourceImpl.last;
+    es.emit("job-update", jobUpdate(job(7, 3, { progress: 30 })), "c1");
+    es.emit("job-update", jobUpdate(job(12, 1)), "c2");
+    es.emit("job-update", jobUpdate(job(7, 2, { progress: 20 })), "c3");
+    assert.deepEqual(Object.keys(latest().rows), ["7", "12"]);
+    assert.equal(latest().rows[7], latest().rows["7"]);
+    assert.equal(latest().rows[7].id, 7, "the row keeps its id as the server sent it");
+    assert.equal(latest().rows[7].progress, 30);
+    es.emit("job-update", jobUpdate(job(7, 4, { progress: 40 })), "c4");
+    assert.equal(latest().rows[7].progress, 40);
+    unsubscribe();
+  });
+
+  test("a delete by numeric id removes the row, and a late repeat does not bring it back", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const es = EventSourceImpl.last;
+    es.emit("job-update", jobUpdate(job(7, 5)), "c1");
+    es.emit("job-update", jobUpdate(job(8, 1)), "c2");
+    const before = latest().rows;
+    es.emit("job-deleted", jobDeleted(7), "c3");
+    assert.deepEqual(Object.keys(latest().rows), ["8"]);
+    assert.deepEqual(Object.keys(before), ["7", "8"], "the previous object is not mutated");
+    es.emit("job-update", jobUpdate(job(7, 5)), "c4");
+    assert.deepEqual(Object.keys(latest().rows), ["8"]);
+    es.emit("job-update", jobUpdate(job(7, 6)), "c5");
+    assert.deepEqual(Object.keys(latest().rows), ["7", "8"]);
+    unsubscribe();
+  });
+
+  test("text ids key the rows as they are", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following({
+      feed: "tags",
+      event: "tag",
+    });
+    const es = EventSourceImpl.last;
+    assert.equal(es.url.pathname, "/api/tags/events");
+    const tag = (id, version) => ({
+      eventType: "tag-update",
+      timestamp: "t",
+      tag: { id, version },
+    });
+    es.emit("tag-update", tag("urgent", 1), "c1");
+    es.emit("tag-update", tag("12", 1), "c2");
+    es.emit(
+      "tag-deleted",
+      { eventType: "tag-deleted", timestamp: "t", tag: { id: "urgent" } },
+      "c3",
+    );
+    assert.deepEqual(latest().rows, { 12: { id: "12", version: 1 } });
+    // An id that is also a name every object has is a row like any other.
+    es.emit("tag-update", tag("constructor", 2), "c4");
+    es.emit("tag-deleted", { eventType: "tag-deleted", tag: { id: "constructor" } }, "c5");
+    es.emit("tag-update", tag("constructor", 2), "c6");
+    assert.deepEqual(Object.keys(latest().rows), ["12"]);
+    unsubscribe();
+  });
+
+  test("a files event on another feed's stream changes nothing", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    EventSourceImpl.last.emit("file-update", update(file("a", 1)), "c1");
+    EventSourceImpl.last.emit("job-update", { eventType: "job-update", file: file("a", 1) }, "c2");
+    assert.deepEqual(latest().rows, {});
+    unsubscribe();
+  });
+
+  test("reset clears every row before the snapshot that follows", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const es = EventSourceImpl.last;
+    es.emit("job-update", jobUpdate(job(7, 5)), "c1");
+    es.emit("reset", plain("reset"));
+    assert.deepEqual(latest().rows, {});
+    es.emit("job-update", jobUpdate(job(8, 1)), "c2");
+    assert.deepEqual(Object.keys(latest().rows), ["8"]);
+    unsubscribe();
+  });
+
+  test("token-expired resumes the feed from the last cursor", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await following();
+    const first = EventSourceImpl.last;
+    first.emit("job-update", jobUpdate(job(7, 1)), "c1");
+    first.emit("synced", plain("synced"), "c2");
+    first.emit("job-update", jobUpdate(job(7, 2)), "c3");
+    first.emit("token-expired", plain("token-expired"));
+    await settle();
+    const second = EventSourceImpl.last;
+    assert.equal(second.url.pathname, "/api/jobs/events");
+    assert.equal(second.url.searchParams.get("access_token"), "token-2");
+    assert.equal(second.url.searchParams.get("last_event_id"), "c3");
+    assert.equal(second.url.searchParams.has("snapshot"), false);
+    assert.equal(latest().rows[7].version, 2, "rows are kept across the reconnect");
+    second.emit("job-deleted", jobDeleted(7), "c4");
+    second.emit("synced", plain("synced"), "c5");
+    assert.deepEqual(latest().rows, {});
+    assert.equal(latest().status, "live");
+    unsubscribe();
+  });
+
+  test("a refused connection reconnects to the feed from the last cursor", async (t) => {
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    const { EventSourceImpl, unsubscribe } = await following();
+    const first = EventSourceImpl.last;
+    first.emit("synced", plain("synced"), "c1");
+    first.emit("job-update", jobUpdate(job(7, 1)), "c2");
+    first.fail(0); // the browser reconnects by itself, with Last-Event-ID
+    first.emit("synced", plain("synced"), "c3");
+    first.fail(2);
+    t.mock.timers.tick(1000);
+    await settle();
+    const second = EventSourceImpl.last;
+    assert.equal(EventSourceImpl.instances.length, 2);
+    assert.equal(second.url.pathname, "/api/jobs/events");
+    assert.equal(second.url.searchParams.get("last_event_id"), "c3");
+    unsubscribe();
+  });
+
+  test("the event name defaults to the feed's name, and the feed to files", async () => {
+    const jobs = await following({ event: undefined });
+    assert.ok(jobs.EventSourceImpl.last.listeners.has("jobs-update"));
+    jobs.EventSourceImpl.last.emit("jobs-update", { jobs: job(1, 1) }, "c1");
+    assert.equal(jobs.latest().rows[1].version, 1);
+    jobs.unsubscribe();
+
+    const files = await following({ feed: undefined, event: undefined });
+    const es = files.EventSourceImpl.last;
+    assert.equal(es.url.pathname, "/api/files/events");
+    es.emit("file-update", update(file("a", 1)), "c1");
+    assert.equal(files.latest().rows.a.version, 1);
+    files.unsubscribe();
+  });
+
+  test("an explicit url wins over the feed's", async () => {
+    const { EventSourceImpl, unsubscribe } = await following({ url: "/edge/jobs/stream" });
+    assert.equal(EventSourceImpl.last.url.pathname, "/edge/jobs/stream");
+    unsubscribe();
+  });
+
+  test("a feed without a name is refused at once", () => {
+    assert.throws(() => connectFeed({ feed: "" }), TypeError);
+    assert.throws(() => watchRow({ feed: "", id: 1 }), TypeError);
+  });
+});
+
+describe("watchRow", () => {
+  async function watching(options = {}) {
+    const EventSourceImpl = fakeEventSource();
+    const store = watchRow({
+      EventSourceImpl,
+      getToken: async () => "t",
+      feed: "jobs",
+      event: "job",
+      id: 7,
+      ...options,
+    });
+    const values = [];
+    const unsubscribe = store.subscribe((value) => values.push(value));
+    await settle();
+    return { EventSourceImpl, unsubscribe, latest: () => values.at(-1) };
+  }
+
+  test("it follows one row of the feed by numeric id", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const es = EventSourceImpl.last;
+    assert.equal(es.url.pathname, "/api/jobs/7/events");
+    es.emit("job-update", jobUpdate(job(7, 2, { progress: 40 })), "c1");
+    es.emit("job-update", jobUpdate(job(7, 1, { progress: 20 })), "c2");
+    assert.equal(latest().status, "live");
+    assert.equal(latest().row.progress, 40);
+    assert.equal("file" in latest(), false);
+    unsubscribe();
+  });
+
+  test("terminal closes it for good, and only terminal does", async () => {
+    const terminal = (row) => row.status === "completed" || row.status === "failed";
+    const { EventSourceImpl, latest, unsubscribe } = await watching({ terminal });
+    const es = EventSourceImpl.last;
+    es.emit("job-update", jobUpdate(job(7, 1, { status: "ready" })), "c1");
+    assert.equal(latest().status, "live", "files' terminal statuses mean nothing here");
+    es.emit("job-update", jobUpdate(job(7, 2, { status: "completed" })), "c2");
+    assert.equal(latest().status, "closed");
+    assert.equal(es.closed, true);
+    unsubscribe();
+  });
+
+  test("without terminal, another feed's row is followed until it is deleted", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching();
+    const es = EventSourceImpl.last;
+    es.emit("job-update", jobUpdate(job(7, 1, { status: "failed" })), "c1");
+    assert.equal(latest().status, "live");
+    es.emit("job-deleted", jobDeleted(7), "c2");
+    assert.equal(latest().row, null);
+    assert.equal(latest().status, "closed");
+    assert.equal(es.closed, true);
+    unsubscribe();
+  });
+
+  test("a text id is encoded into the feed's URL", async () => {
+    const { EventSourceImpl, unsubscribe } = await watching({
+      feed: "tags",
+      event: "tag",
+      id: "a/b c",
+    });
+    assert.equal(EventSourceImpl.last.url.pathname, "/api/tags/a%2Fb%20c/events");
+    unsubscribe();
+  });
+
+  test("the files feed is the default, with its terminal statuses", async () => {
+    const { EventSourceImpl, latest, unsubscribe } = await watching({
+      feed: undefined,
+      event: undefined,
+      id: "f1",
+    });
+    const es = EventSourceImpl.last;
+    assert.equal(es.url.pathname, "/api/files/f1/events");
+    es.emit("file-update", update(file("f1", 1, { status: "ready" })), "c1");
+    assert.equal(latest().row.status, "ready");
+    assert.equal(latest().status, "closed");
+    unsubscribe();
+  });
+
+  test("id 0 is an id", () => {
+    assert.doesNotThrow(() => watchRow({ feed: "jobs", id: 0, EventSourceImpl: undefined }));
+    assert.throws(() => watchRow({ feed: "jobs" }), /needs the row's id/);
   });
 });

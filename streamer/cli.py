@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import secrets
 import sys
 import uuid
-from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import psycopg
+
+from streamer.app import create_app
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    from streamer.db import Database
+from streamer.db import Database, migrate
+from streamer.demo import run_demo
+from streamer.logs import setup_logging
+from streamer.runner import StartupError, Terminated, first_line, raise_on_sigterm, run_server
+from streamer.supervisor import serve_workers
 
 log = logging.getLogger("streamer")
 
@@ -30,36 +34,6 @@ Stream Postgres row changes of the `files` table to browsers as Server-Sent Even
 
 Configuration comes from the environment (DATABASE_URL, STREAMER_*); flags override it.
 """
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; an access log line also carries its fields separately."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        at = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        entry: dict[str, Any] = {
-            "time": at.replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,  # which worker, under --workers
-            "message": record.getMessage(),
-        }
-        access = getattr(record, "access", None)
-        if isinstance(access, dict):
-            entry.update(access)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        text = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
-        handler.setFormatter(logging.Formatter(text))
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
 def dev_secret(settings: Settings) -> str:
@@ -117,11 +91,6 @@ Make an event, in another terminal:
 def _migrate(settings: Settings, database: Database) -> list[str]:
     """Apply sql/. Like LISTEN, migrating needs a session of its own (it holds an advisory
     lock), so it goes to the direct connection when the pool goes through PgBouncer."""
-    import psycopg
-
-    from streamer.db import migrate
-    from streamer.workers import StartupError, first_line
-
     try:
         return migrate(database.listen_dsn)
     except psycopg.OperationalError as exc:
@@ -130,9 +99,6 @@ def _migrate(settings: Settings, database: Database) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from streamer.db import Database
-    from streamer.workers import raise_on_sigterm, run_server, serve_workers
-
     raise_on_sigterm()  # so that a SIGTERM during start-up unwinds `with Database`
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
@@ -141,16 +107,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _migrate(settings, database)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
+        # A partial of a module-level function: a spawned worker can be handed it.
+        make_app = partial(create_app, settings, database.dsn, database.listen_dsn)
         if settings.workers > 1:
-            return serve_workers(settings, database.dsn, database.listen_dsn)
-        run_server(settings, database.dsn, database.listen_dsn)
+            return serve_workers(settings, make_app)
+        run_server(settings, make_app)
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from streamer.db import Database
-    from streamer.workers import raise_on_sigterm
-
     raise_on_sigterm()
     settings = _settings(args)
     setup_logging(settings)
@@ -182,9 +147,6 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streamer.demo import run_demo
-    from streamer.workers import raise_on_sigterm
-
     raise_on_sigterm()
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
@@ -229,8 +191,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from streamer.workers import StartupError, Terminated
-
     args = parser().parse_args(argv)
     try:
         code: int = args.run(args)

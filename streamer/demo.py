@@ -1,23 +1,32 @@
-"""`streamer demo`: the service, a simulated file processor writing plain SQL, and a page."""
+"""`streamer demo`: the service, a simulated file processor writing plain SQL, and a page.
+
+The demo builds its own app, the production one plus a page, a token for its one user and
+the simulated processor; the runner serves it like any other."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
+from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 
 from streamer import keys
+from streamer.app import STATIC, create_app
 from streamer.auth import mint_token
 from streamer.config import Settings
+from streamer.db import Database, migrate
+from streamer.runner import run_server
+from streamer.simulator import run_simulator
 
 DEMO_TOKEN_TTL = 3600
 DEMO_USER = web.AppKey("demo_user", uuid.UUID)
+WRITER_STOP_SECONDS = 5.0
 
 
 async def demo_page(request: web.Request) -> web.FileResponse:
-    from streamer.app import STATIC
-
     return web.FileResponse(STATIC / "demo.html", headers={"Cache-Control": "no-cache"})
 
 
@@ -44,6 +53,30 @@ def add_demo_routes(app: web.Application, user: uuid.UUID) -> None:
     app.router.add_get("/demo/token", demo_token)
 
 
+async def simulated_processor(app: web.Application) -> AsyncIterator[None]:
+    """The demo user's files, written by plain SQL from a thread of its own. Added after
+    the app's own contexts, it starts once the pool is open and stops before it closes."""
+    stop = threading.Event()
+    writer = threading.Thread(
+        target=run_simulator,
+        args=(app[keys.DSN], app[DEMO_USER]),
+        kwargs={"stop": stop},
+        name="simulated-file-processor",
+        daemon=True,
+    )
+    writer.start()
+    yield
+    stop.set()
+    await asyncio.to_thread(writer.join, WRITER_STOP_SECONDS)
+
+
+def demo_app(settings: Settings, dsn: str, listen_dsn: str, user: uuid.UUID) -> web.Application:
+    app = create_app(settings, dsn, listen_dsn)
+    add_demo_routes(app, user)
+    app.cleanup_ctx.append(simulated_processor)
+    return app
+
+
 def demo_user(settings: Settings) -> uuid.UUID:
     """One demo user per data dir, so the page shows the same files across runs."""
     path = settings.data_dir / "demo_user"
@@ -54,31 +87,14 @@ def demo_user(settings: Settings) -> uuid.UUID:
 
 
 def run_demo(settings: Settings) -> int:
-    from streamer.db import Database, migrate
-    from streamer.simulator import run_simulator
-    from streamer.workers import run_server
-
     with Database.from_settings(settings) as database:
         migrate(database.dsn)
         user = demo_user(settings)
-        stop = threading.Event()
-        writer = threading.Thread(
-            target=run_simulator,
-            args=(database.dsn, user),
-            kwargs={"stop": stop},
-            name="simulated-file-processor",
-            daemon=True,
-        )
-        writer.start()
         print(
             f"\nstreamer demo: open http://{settings.host}:{settings.port}/demo/ "
             f"(user {user}; a simulated file processor is writing to Postgres)\n",
             flush=True,
         )
-        try:
-            run_server(settings, database.dsn, database.listen_dsn, demo_user=user)
-        finally:
-            # The writer stops before its database does.
-            stop.set()
-            writer.join(timeout=5)
+        # The writer, part of the app, stops before its database does.
+        run_server(settings, partial(demo_app, settings, database.dsn, database.listen_dsn, user))
     return 0

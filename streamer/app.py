@@ -18,12 +18,13 @@ from streamer import keys
 from streamer.auth import Authenticator
 from streamer.config import Settings
 from streamer.db import create_pool
+from streamer.dispatch import Dispatcher
 from streamer.errors import ApiError, AuthError
-from streamer.feed import FILES, prune
+from streamer.feed import Feeds, prune
 from streamer.hub import Hub
-from streamer.listener import Listener
 from streamer.metrics import Metrics
-from streamer.streams import file_events, file_item_events
+from streamer.sources.notify import NotifySource
+from streamer.streams import feed_events, row_events
 from streamer.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -129,26 +130,32 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     pool = await create_pool(app[keys.DSN], settings.pool_size)
     app[keys.POOL] = pool
-    listener = Listener(app[keys.LISTEN_DSN], pool, app[keys.HUB], app[keys.METRICS])
-    app[keys.LISTENER] = listener
+    hub = app[keys.HUB]
+    feeds = app[keys.FEEDS] = Feeds(pool, lambda name: hub.close_all("disabled", name))
+    await feeds.refresh()
+    source = NotifySource(app[keys.LISTEN_DSN], pool)
+    dispatcher = Dispatcher(source, pool, hub, feeds, app[keys.METRICS])
+    app[keys.DISPATCHER] = dispatcher
     # The owner of every long-lived task of the app: made first, stopped last, before
     # the pool those tasks use is closed.
     tasks = app[keys.TASKS] = Supervisor(app[keys.METRICS])
-    tasks.start("listener", listener.run)
+    tasks.start("listener", dispatcher.run)
+    tasks.start("feeds", feeds.run)
     yield
     await tasks.stop()
-    await listener.close()
+    await dispatcher.close()
     await pool.close()
 
 
-async def _prune_forever(pool: asyncpg.Pool, keep_hours: float) -> None:
+async def _prune_forever(pool: asyncpg.Pool, feeds: Feeds, keep_hours: float) -> None:
     while True:
-        try:
-            gone = await prune(pool, FILES, keep_hours)
-            if gone:
-                log.info("pruned %d tombstones older than %sh", gone, keep_hours)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
+        for feed in list(feeds.by_name.values()):
+            try:
+                gone = await prune(pool, feed, keep_hours)
+                if gone:
+                    log.info("pruned %d %s tombstones older than %sh", gone, feed.name, keep_hours)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
         await asyncio.sleep(PRUNE_EVERY)
 
 
@@ -161,7 +168,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = app[keys.TASKS]  # stops them with the listener, in _database's clean-up
     tasks.start("heartbeats", lambda: hub.run_heartbeats(settings.heartbeat_seconds))
     tasks.start("sweeps", hub.run_sweeps)
-    tasks.start("pruning", lambda: _prune_forever(pool, settings.tombstone_retention_hours))
+    feeds = app[keys.FEEDS]
+    keep = settings.tombstone_retention_hours
+    tasks.start("pruning", lambda: _prune_forever(pool, feeds, keep))
     yield
     await auth.close()
 
@@ -179,9 +188,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    listener = request.app[keys.LISTENER]
+    dispatcher = request.app[keys.DISPATCHER]
     problems = []
-    if not listener.ready.is_set():
+    if not dispatcher.ready.is_set():
         problems.append("listener down")
     try:
         async with asyncio.timeout(2):
@@ -226,7 +235,6 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
     app[keys.LISTEN_DSN] = listen_dsn or dsn
     app[keys.METRICS] = Metrics()
     app[keys.HUB] = Hub(
-        FILES,
         app[keys.METRICS],
         max_streams_per_owner=settings.max_streams_per_user,
         max_streams=settings.max_streams,
@@ -240,8 +248,8 @@ def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> w
     app.on_shutdown.append(_end_streams)
 
     streams = [
-        app.router.add_get("/api/files/events", file_events, allow_head=False),
-        app.router.add_get("/api/files/{id}/events", file_item_events, allow_head=False),
+        app.router.add_get("/api/{feed}/events", feed_events, allow_head=False),
+        app.router.add_get("/api/{feed}/{id}/events", row_events, allow_head=False),
     ]
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -41,8 +41,17 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    user_id: uuid.UUID
+    subject: str  # the token's sub: the user
     expires_at: float  # the token's exp, epoch seconds
+
+    def owner(self, owner_type: str) -> str:
+        """The sub as a feed's owner column holds it, compared as text: for a uuid column,
+        the canonical form Postgres renders (and anything else is no user of that feed)."""
+        if owner_type != "uuid":
+            return self.subject
+        if not _UUID.fullmatch(self.subject):
+            raise TokenInvalid("The token's sub claim is not a UUID.")
+        return self.subject.lower()
 
 
 class _JwksUnavailable(Exception):
@@ -285,14 +294,14 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise TokenInvalid("The token's exp claim is not a number.")
     if expires_at <= time.time() - LEEWAY_SECONDS:
         raise TokenExpired()
-    if not isinstance(sub, str) or not _UUID.fullmatch(sub):
-        raise TokenInvalid("The token's sub claim is not a UUID.")
-    return Principal(user_id=uuid.UUID(sub), expires_at=expires_at)
+    if not isinstance(sub, str) or not sub:
+        raise TokenInvalid("The token's sub claim is not a string.")
+    return Principal(subject=sub, expires_at=expires_at)
 
 
 def mint_token(
     secret: str,
-    user_id: uuid.UUID,
+    user_id: uuid.UUID | str,
     ttl_seconds: int,
     *,
     audience: str | None = None,

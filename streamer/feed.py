@@ -10,18 +10,24 @@ status value or a widened type never stops a stream.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+from uuid import UUID
 
 import asyncpg
 from pydantic import BaseModel, Field, model_validator
 
-from streamer.errors import InvalidCursor
-from streamer.events import row_frame
+from streamer.errors import InvalidCursor, InvalidId
+from streamer.sse import row_frame
+
+log = logging.getLogger(__name__)
 
 CHANNEL = "streamer"
 # A version is never below its writer's transaction id times this (see sql/002_feed.sql).
@@ -31,6 +37,9 @@ BIGINT_MAX = 2**63 - 1
 # A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS.
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
+
+
+MAX_TEXT_ID = 1024  # characters of a text id in a URL
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,34 @@ class Feed:
     terminal: str | None = None  # an SQL expression over the row: ends a one-row stream
     id_type: Literal["uuid", "bigint", "text"] = "uuid"
     owner_type: Literal["uuid", "text"] = "uuid"
+
+    @classmethod
+    def of(cls, record: asyncpg.Record) -> Feed:
+        return cls(
+            name=record["name"],
+            owner_column=record["owner_column"],
+            event=record["event"],
+            terminal=record["terminal"],
+            id_type=record["id_type"],
+            owner_type=record["owner_type"],
+        )
+
+    def parse_id(self, raw: str) -> str:
+        """A row id from a URL, as the row's `id::text` renders it; InvalidId otherwise."""
+        if self.id_type == "uuid":
+            try:
+                return str(UUID(raw))
+            except ValueError:
+                raise InvalidId() from None
+        if self.id_type == "bigint":
+            if raw.isascii() and raw.lstrip("-").isdigit() and len(raw) <= 20:
+                value = int(raw)
+                if -BIGINT_MAX - 1 <= value <= BIGINT_MAX:
+                    return str(value)
+            raise InvalidId("The id is not an integer.")
+        if not raw or len(raw) > MAX_TEXT_ID or "\x00" in raw:
+            raise InvalidId(f"The id must be 1 to {MAX_TEXT_ID} characters.")
+        return raw
 
     def update_frame(self, row: Row, cursor: str) -> bytes:
         return row_frame(f"{self.event}-update".encode(), self.event.encode(), row.json, cursor)
@@ -72,12 +109,63 @@ class Feed:
         return f'r."{self.owner_column}" = any({param}::text[]::{self.owner_type}[])'
 
 
+# How sql/003_feeds.sql enables `files`.
 FILES = Feed(
     name="files",
     owner_column="user_id",
     event="file",
     terminal="status in ('ready', 'failed')",
 )
+
+
+class Feeds:
+    """The feeds this process serves: `streamer.feeds`, read again every few seconds and
+    as soon as `enable_feed`/`disable_feed` signal a change, so that a feed is picked up
+    (or dropped) while the service runs."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        on_disabled: Callable[[str], None],
+        *,
+        interval: float = 2.0,
+    ) -> None:
+        self.pool = pool
+        self.on_disabled = on_disabled
+        self.interval = interval
+        self.by_name: dict[str, Feed] = {}
+        self._wake = asyncio.Event()
+
+    def get(self, name: str) -> Feed | None:
+        return self.by_name.get(name)
+
+    def changed(self) -> None:
+        """Read the feeds again now (a hint: anyone can send it, it only costs a query)."""
+        self._wake.set()
+
+    async def refresh(self) -> None:
+        records = await self.pool.fetch(
+            "select name, owner_column, event, terminal, id_type, owner_type from streamer.feeds"
+        )
+        found = {record["name"]: Feed.of(record) for record in records}
+        before, self.by_name = self.by_name, found
+        for name, feed in before.items():
+            if found.get(name) != feed:
+                if name not in found:
+                    log.info("feed %r disabled", name)
+                self.on_disabled(name)  # gone, or its configuration changed: streams restart
+        for name in found.keys() - before.keys():
+            log.info("feed %r enabled", name)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            self._wake.clear()
+            try:
+                await self.refresh()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("could not read the feeds: %s", exc.__class__.__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,34 +317,43 @@ async def current_snapshot(conn: asyncpg.Connection) -> Snapshot:
 async def catch_up(
     conn: asyncpg.Connection, feed: Feed, owners: Sequence[str], since: int | None
 ) -> CatchUp:
-    """Rows of `owners` changed by transactions with id >= `since` (all rows when None)."""
+    """Rows of `owners` changed by transactions with id >= `since` (all rows when None),
+    in a snapshot of its own."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        snapshot = await current_snapshot(conn)
-        reset = False
-        if since is not None:
-            pruned_below = await conn.fetchval(
-                "select pruned_below from streamer.horizon where feed = $1", feed.name
-            )
-            # Too old for the retained tombstones (or a TRUNCATE since), or from another
-            # database's future.
-            if since * VERSION_SCALE < (pruned_below or 0) or since > snapshot.xmax:
-                reset, since = True, None
-        floor = 0 if since is None else since * VERSION_SCALE
-        records = await conn.fetch(
-            feed.select(f"{feed.owner_in('$1')} and r.version >= $2"),
+        return await changes_since(conn, feed, owners, since, await current_snapshot(conn))
+
+
+async def changes_since(
+    conn: asyncpg.Connection,
+    feed: Feed,
+    owners: Sequence[str],
+    since: int | None,
+    snapshot: Snapshot,
+) -> CatchUp:
+    """`catch_up` inside a REPEATABLE READ transaction whose snapshot is `snapshot`."""
+    reset = False
+    if since is not None:
+        pruned_below = await conn.fetchval(
+            "select pruned_below from streamer.horizon where feed = $1", feed.name
+        )
+        # Too old for the retained tombstones (or a TRUNCATE since), or from another
+        # database's future.
+        if since * VERSION_SCALE < (pruned_below or 0) or since > snapshot.xmax:
+            reset, since = True, None
+    floor = 0 if since is None else since * VERSION_SCALE
+    records = await conn.fetch(
+        feed.select(f"{feed.owner_in('$1')} and r.version >= $2"), list(owners), floor
+    )
+    gone: list[Gone] = []
+    if since is not None:
+        tombstones = await conn.fetch(
+            "select owner_id, row_id, version from streamer.tombstones "
+            "where feed = $1 and owner_id = any($2::text[]) and version >= $3",
+            feed.name,
             list(owners),
             floor,
         )
-        gone: list[Gone] = []
-        if since is not None:
-            tombstones = await conn.fetch(
-                "select owner_id, row_id, version from streamer.tombstones "
-                "where feed = $1 and owner_id = any($2::text[]) and version >= $3",
-                feed.name,
-                list(owners),
-                floor,
-            )
-            gone = [Gone(t["owner_id"], t["row_id"], t["version"]) for t in tombstones]
+        gone = [Gone(t["owner_id"], t["row_id"], t["version"]) for t in tombstones]
     return CatchUp(snapshot, reset, [Row.of(r) for r in records], gone)
 
 

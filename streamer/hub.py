@@ -1,8 +1,9 @@
-"""Per-owner fan-out inside one process: every stream is a Subscriber of its owner.
+"""Fan-out inside one process: every stream is a Subscriber of one (feed, owner).
 
-The listener hands each change to `Hub.dispatch` once; the event is encoded there once and
-the same bytes go to every stream of that owner. A stream that stops reading is cut when
-its buffer overflows or stays unsent past the write timeout; it resumes from its cursor.
+The dispatcher hands each change to `Hub.dispatch` once; its event is encoded there once
+and the same message goes to every stream of that owner in that feed. A stream that stops
+reading is cut when its buffer overflows or stays unsent past the write timeout; it
+resumes from its cursor. The hub knows no HTTP: a live stream writes into its Sink.
 """
 
 from __future__ import annotations
@@ -10,31 +11,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from streamer.errors import TooManyStreams, Unavailable
-from streamer.events import HeartbeatEvent, frame, now
 from streamer.feed import CatchUp, Feed, Gone, Notification, Row, Snapshot, format_cursor
 from streamer.metrics import Metrics
+from streamer.sse import HeartbeatEvent, Message, Sink, frame, now
 
 log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (feed, owner)
 
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    data: bytes  # a whole SSE message, shared by every stream it goes to
+    message: Message  # a whole SSE message, shared by every stream it goes to
     row_id: str | None = None
     xid: int | None = None  # the writer's transaction; None: deliver whatever the snapshot
     # A catch-up's snapshot: a stream that read the database at least as late skips it.
     read_in: Snapshot | None = None
-    ends_row: bool = False  # a terminal status or a delete: a one-row stream ends after it
+    ends_row: bool = False  # a terminal state or a delete: a one-row stream ends after it
     closes: bool = False  # every stream ends after it (token-expired)
-    chunk: bytes = field(init=False)  # `data` as one HTTP/1.1 chunk, also encoded once
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "chunk", b"%x\r\n%b\r\n" % (len(self.data), self.data))
+
+def envelope(
+    data: bytes,
+    *,
+    row_id: str | None = None,
+    xid: int | None = None,
+    read_in: Snapshot | None = None,
+    ends_row: bool = False,
+    closes: bool = False,
+) -> Envelope:
+    return Envelope(Message(data), row_id, xid, read_in, ends_row, closes)
 
 
 class Subscriber:
@@ -42,42 +52,48 @@ class Subscriber:
 
     While the stream is being set up (reading the database) its envelopes wait in a bounded
     queue. Once live, an envelope is appended to the stream's pending writes and the hub
-    writes every pending stream's bytes straight into its connection once per loop
-    iteration: no task wakes up per event, and one burst of changes is one send() per
-    stream. The connection's own write buffer is then the stream's buffer: the hub cuts a
-    stream whose buffer grows past its limit or stays unsent past the write timeout.
+    writes every pending stream's messages into its sink once per loop iteration: no task
+    wakes up per event, and one burst of changes is one send() per stream. The connection's
+    own write buffer is then the stream's buffer: the hub cuts a stream whose buffer grows
+    past its limit or stays unsent past the write timeout.
     """
 
     __slots__ = (
-        "_chunked",
         "_hub",
         "_last",
         "_pending",
         "_queue",
         "_seen",
-        "_transport",
+        "_sink",
         "backlog_since",
         "closed",
         "dropped",
         "ended",
+        "feed",
         "owner",
         "row_id",
+        "user",
     )
 
-    def __init__(self, hub: Hub, owner: str, row_id: str | None) -> None:
+    def __init__(self, hub: Hub, feed: Feed, owner: str, user: str, row_id: str | None) -> None:
         self._hub = hub
+        self.feed = feed
         self.owner = owner
+        self.user = user  # the token's subject: the per-user limit counts across feeds
         self.row_id = row_id
-        self._queue: deque[Envelope] | None = deque()
-        self._pending: list[bytes] | None = None
-        self._transport: asyncio.WriteTransport | None = None
-        self._chunked = True
+        self._queue: list[Envelope] | None = []
+        self._pending: list[Message] | None = None
+        self._sink: Sink | None = None
         self._seen: Snapshot | None = None
         self._last = False  # the stream ends once what is pending is written
         self.closed: str | None = None  # why the stream ended
         self.dropped = 0  # envelopes left undelivered when it was cut
         self.backlog_since: float | None = None  # when its connection last had unsent bytes
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    @property
+    def key(self) -> Key:
+        return (self.feed.name, self.owner)
 
     def push(self, envelope: Envelope) -> bool:
         """Take an envelope; False when it overflowed the set-up queue and the stream was cut."""
@@ -101,21 +117,20 @@ class Subscriber:
             if envelope.xid is not None and seen.sees(envelope.xid):
                 return  # already in what this stream read from the database
             if envelope.read_in is not None and seen.covers(envelope.read_in):
-                return  # a listener's catch-up older than this stream's own read
-        data = envelope.chunk if self._chunked else envelope.data
+                return  # a dispatcher's catch-up older than this stream's own read
         if self._pending is None:
-            self._pending = [data]
+            self._pending = [envelope.message]
             self._hub.mark_pending(self)
         else:
-            self._pending.append(data)
+            self._pending.append(envelope.message)
         if envelope.closes or (self.row_id is not None and envelope.ends_row):
             self._last = True
 
-    def go_live(self, transport: asyncio.WriteTransport, chunked: bool, seen: Snapshot) -> None:
-        """From now on write straight to `transport`; first what queued during set-up,
-        except what the stream's own read of the database (`seen`) already covered."""
+    def go_live(self, sink: Sink, seen: Snapshot) -> None:
+        """From now on write into `sink`; first what queued during set-up, except what the
+        stream's own read of the database (`seen`) already covered."""
         queue, self._queue = self._queue, None
-        self._transport, self._chunked = transport, chunked
+        self._sink = sink
         self._seen = seen if seen.xmax else None
         for envelope in queue or ():
             self._write(envelope)
@@ -125,14 +140,14 @@ class Subscriber:
     def flush(self) -> int:
         """Write what is pending; returns how many events went out."""
         pending, self._pending = self._pending, None
-        transport = self._transport
-        if not pending or transport is None or self.closed is not None:
+        sink = self._sink
+        if not pending or sink is None or self.closed is not None:
             return 0
-        if transport.is_closing():
+        if sink.closing:
             self.close("gone")
             return 0
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        if transport.get_write_buffer_size() > self._hub.buffer_limit:
+        sink.write(pending)
+        if sink.unsent() > self._hub.buffer_limit:
             self.dropped = len(pending)  # still in the buffer when the connection is aborted
             self._hub.cut(self)
         elif self._last:
@@ -140,9 +155,7 @@ class Subscriber:
         return len(pending)
 
     def unsent(self) -> int:
-        """Bytes written to the connection that the client has not taken yet."""
-        transport = self._transport
-        return 0 if transport is None else transport.get_write_buffer_size()
+        return 0 if self._sink is None else self._sink.unsent()
 
     def close(self, reason: str) -> None:
         """End the stream: what is pending is written first, unless it is cut for being slow
@@ -152,13 +165,13 @@ class Subscriber:
         self.closed = reason
         pending, self._pending = self._pending, None
         queue, self._queue = self._queue, None
-        transport = self._transport
+        sink = self._sink
         if reason == "slow":
             self.dropped = self.dropped or len(pending or queue or ())
-            if transport is not None:
-                transport.abort()
-        elif pending and transport is not None and not transport.is_closing():
-            transport.write(b"".join(pending))
+            if sink is not None:
+                sink.abort()
+        elif pending and sink is not None and not sink.closing:
+            sink.write(pending)
         if not self.ended.done():
             self.ended.set_result(reason)
 
@@ -166,7 +179,6 @@ class Subscriber:
 class Hub:
     def __init__(
         self,
-        feed: Feed,
         metrics: Metrics,
         *,
         max_streams_per_owner: int,
@@ -175,7 +187,6 @@ class Hub:
         write_timeout: float,
         buffer_limit: int = 4 * 1024 * 1024,
     ) -> None:
-        self.feed = feed
         self.metrics = metrics
         self.max_streams_per_owner = max_streams_per_owner
         self.max_streams = max_streams
@@ -183,57 +194,69 @@ class Hub:
         self.write_timeout = write_timeout
         self.buffer_limit = buffer_limit
         self._pending: list[Subscriber] = []
-        self._by_owner: dict[str, set[Subscriber]] = {}
+        self._by_key: dict[Key, set[Subscriber]] = {}
+        self._per_user: dict[str, int] = {}
         self.count = 0
         self.stopping = False
         # Every change not yet dispatched was made by a transaction with id >= watermark.
+        # Transaction ids are database-wide: one watermark serves every feed.
         self.watermark = 0
 
     @property
     def cursor(self) -> str:
         return format_cursor(self.watermark)
 
-    def serves(self, owner: str) -> bool:
-        return owner in self._by_owner
+    def serves(self, feed: str, owner: str) -> bool:
+        return (feed, owner) in self._by_key
 
-    def owners(self) -> list[str]:
-        return list(self._by_owner)
+    def owners(self) -> dict[str, list[str]]:
+        """The owners with an open stream, by feed."""
+        found: dict[str, list[str]] = {}
+        for feed, owner in self._by_key:
+            found.setdefault(feed, []).append(owner)
+        return found
 
     def subscribers(self) -> Iterable[Subscriber]:
-        for subs in self._by_owner.values():
+        for subs in self._by_key.values():
             yield from subs
 
     # -- subscriptions --------------------------------------------------------------
 
-    def subscribe(self, owner: str, row_id: str | None = None) -> Subscriber:
+    def subscribe(self, feed: Feed, owner: str, user: str, row_id: str | None = None) -> Subscriber:
         if self.stopping:
             raise Unavailable("This server is shutting down; retry shortly.")
-        subs = self._by_owner.get(owner)
-        if subs is not None and len(subs) >= self.max_streams_per_owner:
+        if self._per_user.get(user, 0) >= self.max_streams_per_owner:
             self.metrics.rejected_streams.labels("per_user").inc()
             raise TooManyStreams()
         if self.count >= self.max_streams:
             self.metrics.rejected_streams.labels("per_process").inc()
             raise TooManyStreams("This server has too many open streams; try another.")
-        sub = Subscriber(self, owner, row_id)
-        self._by_owner.setdefault(owner, set()).add(sub)
+        sub = Subscriber(self, feed, owner, user, row_id)
+        self._by_key.setdefault(sub.key, set()).add(sub)
+        self._per_user[user] = self._per_user.get(user, 0) + 1
         self.count += 1
         self.metrics.streams_open.inc()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        subs = self._by_owner.get(sub.owner)
+        subs = self._by_key.get(sub.key)
         if subs is None or sub not in subs:
             return
         subs.discard(sub)
         if not subs:
-            del self._by_owner[sub.owner]
+            del self._by_key[sub.key]
+        left = self._per_user[sub.user] - 1
+        if left:
+            self._per_user[sub.user] = left
+        else:
+            del self._per_user[sub.user]
         self.count -= 1
         self.metrics.streams_open.dec()
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: str, feed: str | None = None) -> None:
         for sub in list(self.subscribers()):
-            sub.close(reason)
+            if feed is None or sub.feed.name == feed:
+                sub.close(reason)
 
     def shutdown(self) -> None:
         """End every stream and refuse new ones: the process is stopping."""
@@ -242,9 +265,9 @@ class Hub:
 
     # -- fan-out --------------------------------------------------------------------
 
-    def _publish(self, owner: str, envelope: Envelope, skip: frozenset[str] = frozenset()) -> None:
-        subs = self._by_owner.get(owner)
-        if not subs or owner in skip:
+    def _publish(self, key: Key, envelope: Envelope, skip: frozenset[Key] = frozenset()) -> None:
+        subs = self._by_key.get(key)
+        if not subs or key in skip:
             return
         for sub in tuple(subs):
             if not sub.push(envelope):
@@ -260,7 +283,7 @@ class Hub:
         self.metrics.events_dropped.inc(sub.dropped)
 
     def mark_pending(self, sub: Subscriber) -> None:
-        """`sub` has bytes to write: they go out with everyone else's at the end of this
+        """`sub` has messages to write: they go out with everyone else's at the end of this
         loop iteration, so a burst of changes costs one write per stream."""
         if not self._pending:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -278,10 +301,10 @@ class Hub:
         self.watermark = max(self.watermark, horizon)
 
     def rebase(self, snapshot: Snapshot) -> None:
-        """Follow the database once every change `snapshot` saw was dispatched (the listener
-        knows when), even back in time: a database restored, or one that lost its last
-        commits in a crash, is behind the cursors already given out. Those get a reset; the
-        cursors given out next must be its own."""
+        """Follow the database once every change `snapshot` saw was dispatched (the
+        dispatcher knows when), even back in time: a database restored, or one that lost
+        its last commits in a crash, is behind the cursors already given out. Those get a
+        reset; the cursors given out next must be its own."""
         if self.watermark > snapshot.xmax:
             self.watermark = snapshot.xmin
         else:
@@ -289,86 +312,89 @@ class Hub:
 
     def dispatch(
         self,
+        feed: Feed,
         change: Notification,
         current: Row | None,
-        skip: frozenset[str] = frozenset(),
+        skip: frozenset[Key] = frozenset(),
     ) -> None:
-        """Hand one committed change to its owners' streams, except the owners in `skip`.
+        """Hand one committed change of `feed` to its owners' streams, except those in `skip`.
 
         `current` is the row for an update: the one in the payload, or read back when it
         was too big to travel. A row read back may belong to someone else by now, or be a
         later version of it; it then goes nowhere: the change that moved it or made that
         version follows, and a newer version sent first would go out ahead of older ones.
         """
-        self.advance(change.horizon)
         cursor = self.cursor
+        name = feed.name
         if change.op == "t":
-            self._truncated(cursor)
+            self._truncated(feed, cursor)
             return
         assert change.owner is not None
         if change.op == "d":
-            self._publish(change.owner, self._gone(change.row_id, change.xid, cursor), skip)
+            self._publish((name, change.owner), self._gone(feed, change.row_id, change.xid), skip)
             return
         if change.old_owner is not None and change.old_owner != change.owner:
-            self._publish(change.old_owner, self._gone(change.row_id, change.xid, cursor), skip)
-        if current is None or current.owner != change.owner or not self.serves(current.owner):
+            gone = self._gone(feed, change.row_id, change.xid)
+            self._publish((name, change.old_owner), gone, skip)
+        if current is None or current.owner != change.owner or current.version != change.version:
             return
-        if current.version != change.version:
-            return
-        envelope = Envelope(
-            self.feed.update_frame(current, cursor),
+        update = envelope(
+            feed.update_frame(current, cursor),
             row_id=current.id,
             xid=change.xid,
             ends_row=current.terminal,
         )
-        self._publish(current.owner, envelope, skip)
+        self._publish((name, current.owner), update, skip)
 
     def _gone(
-        self, row_id: str, xid: int | None, cursor: str, read_in: Snapshot | None = None
+        self, feed: Feed, row_id: str, xid: int | None, read_in: Snapshot | None = None
     ) -> Envelope:
-        return Envelope(
-            self.feed.deleted_frame(row_id, cursor),
+        return envelope(
+            feed.deleted_frame(row_id, self.cursor),
             row_id=row_id,
             xid=xid,
             read_in=read_in,
             ends_row=True,
         )
 
-    def _truncated(self, cursor: str) -> None:
+    def _truncated(self, feed: Feed, cursor: str) -> None:
         """Every row is gone at once: a one-row stream ends with its row's delete, every
-        other stream starts over (reset, then a fresh snapshot)."""
+        other stream of the feed starts over (reset, then a fresh snapshot)."""
         for sub in list(self.subscribers()):
+            if sub.feed.name != feed.name:
+                continue
             if sub.row_id is None:
                 sub.close("truncated")
-            elif not sub.push(self._gone(sub.row_id, None, cursor)):
+            elif not sub.push(self._gone(feed, sub.row_id, None)):
                 self.cut(sub)
 
-    def dispatch_catch_up(self, result: CatchUp, cursor: str) -> None:
-        """After the listener was down: what changed meanwhile, to every open stream."""
+    def dispatch_catch_up(self, feed: Feed, result: CatchUp) -> None:
+        """After the dispatcher was down: what changed meanwhile, to every open stream."""
         if result.reset:
             # Gone past retention, or the database went back in time: each stream
             # reconnects and gets its own reset + snapshot.
-            self.close_all("reset")
+            self.close_all("reset", feed.name)
             return
-        read_in = result.snapshot
+        cursor, read_in = self.cursor, result.snapshot
         for item in result.in_order():
+            key = (feed.name, item.owner)
             if isinstance(item, Gone):
-                self._publish(item.owner, self._gone(item.id, None, cursor, read_in))
+                self._publish(key, self._gone(feed, item.id, None, read_in))
             else:
-                envelope = Envelope(
-                    self.feed.update_frame(item, cursor),
+                update = envelope(
+                    feed.update_frame(item, cursor),
                     row_id=item.id,
                     read_in=read_in,
                     ends_row=item.terminal,
                 )
-                self._publish(item.owner, envelope)
+                self._publish(key, update)
 
     # -- heartbeats and stuck writers -----------------------------------------------
 
     def heartbeat(self) -> None:
-        envelope = Envelope(frame(HeartbeatEvent(timestamp=now())))
+        beat = envelope(frame(HeartbeatEvent(timestamp=now())))
         for sub in list(self.subscribers()):
-            if not sub.push(envelope):
+            if not sub.push(beat):
                 self.cut(sub)
 
     async def run_heartbeats(self, interval: float) -> None:
@@ -380,13 +406,13 @@ class Hub:
         """Cut every stream whose connection has held unsent bytes for longer than the
         write timeout: its client stopped reading and the socket buffers are full. Without
         new events its buffer would never overflow, so only this notices it."""
-        now = time.monotonic()
+        moment = time.monotonic()
         for sub in list(self.subscribers()):
             if sub.closed is not None or not sub.unsent():
                 sub.backlog_since = None
             elif sub.backlog_since is None:
-                sub.backlog_since = now
-            elif now - sub.backlog_since > self.write_timeout:
+                sub.backlog_since = moment
+            elif moment - sub.backlog_since > self.write_timeout:
                 self.cut(sub)
 
     async def run_sweeps(self) -> None:

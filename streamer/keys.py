@@ -7,8 +7,9 @@ from aiohttp import web
 
 from streamer.auth import Authenticator
 from streamer.config import Settings
+from streamer.dispatch import Dispatcher
+from streamer.feed import Feeds
 from streamer.hub import Hub
-from streamer.listener import Listener
 from streamer.metrics import Metrics
 from streamer.tasks import Supervisor
 
@@ -19,5 +20,6 @@ METRICS = web.AppKey("metrics", Metrics)
 AUTH = web.AppKey("auth", Authenticator)
 POOL = web.AppKey("pool", asyncpg.Pool)
 HUB = web.AppKey("hub", Hub)
-LISTENER = web.AppKey("listener", Listener)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+FEEDS = web.AppKey("feeds", Feeds)
 TASKS = web.AppKey("tasks", Supervisor)

@@ -1,4 +1,4 @@
-"""The two SSE handlers: every file of the caller, and one file's progress.
+"""The two SSE handlers of every feed: all rows of the caller, and one row's progress.
 
 A stream subscribes to its owner in the hub *before* it reads the database, so nothing
 committed in between is missed; what the read already saw is then skipped by snapshot
@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from uuid import UUID
 
 import asyncpg
 from aiohttp import HttpVersion11, web
 
 from streamer import keys
-from streamer.errors import InvalidId, InvalidParameter, NotFound, Unavailable
-from streamer.events import ResetEvent, SyncedEvent, TokenExpiredEvent, frame, now, retry_frame
+from streamer.auth import Principal
+from streamer.errors import InvalidParameter, NotFound, Unavailable
 from streamer.feed import (
     CatchUp,
+    Feed,
     Gone,
     Row,
     Snapshot,
@@ -26,7 +26,16 @@ from streamer.feed import (
     current_snapshot,
     parse_cursor,
 )
-from streamer.hub import Envelope, Subscriber
+from streamer.hub import Subscriber, envelope
+from streamer.sse import (
+    ResetEvent,
+    Sink,
+    SyncedEvent,
+    TokenExpiredEvent,
+    frame,
+    now,
+    retry_frame,
+)
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
 NOTHING_SEEN = Snapshot(0, 0, frozenset())
@@ -53,10 +62,26 @@ def _cursor(request: web.Request) -> int | None:
     return None if raw is None or raw == "" else parse_cursor(raw)
 
 
+def _feed(request: web.Request) -> Feed:
+    feed = request.app[keys.FEEDS].get(request.match_info["feed"])
+    if feed is None:
+        raise NotFound("No such feed.")
+    return feed
+
+
+async def _caller(request: web.Request) -> tuple[Principal, Feed, str]:
+    """Who asks (before anything else: not even which feeds exist is told to strangers),
+    of which feed, and the owner they are in it (a sub that no owner of it can be is
+    TOKEN_INVALID)."""
+    principal = await request.app[keys.AUTH].authenticate(request)
+    feed = _feed(request)
+    return principal, feed, principal.owner(feed.owner_type)
+
+
 async def _open(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     if request.version >= HttpVersion11:
-        response.enable_chunked_encoding()  # the hub writes whole chunks itself
+        response.enable_chunked_encoding()  # the sink writes whole chunks itself
     await response.prepare(request)
     await response.write(retry_frame(request.app[keys.SETTINGS].retry_ms))
     return response
@@ -64,33 +89,30 @@ async def _open(request: web.Request) -> web.StreamResponse:
 
 def _expire_at(sub: Subscriber, expires_at: float) -> asyncio.TimerHandle:
     loop = asyncio.get_running_loop()
-    envelope = Envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
+    expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
     delay = max(0.0, expires_at - time.time())
-    return loop.call_at(loop.time() + delay, lambda: sub.push(envelope))
+    return loop.call_at(loop.time() + delay, lambda: sub.push(expired))
 
 
-async def _live(
-    request: web.Request, response: web.StreamResponse, sub: Subscriber, seen: Snapshot
-) -> str:
+async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> str:
     """Hand the connection to the hub, which writes every later event straight into it,
     and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
-    TRUNCATE, a shutdown, or the client leaving (then aiohttp cancels this handler).
-    Returns why it ended."""
+    TRUNCATE, the feed disabled, a shutdown, or the client leaving (then aiohttp cancels
+    this handler). Returns why it ended."""
     transport = request.transport
     if sub.closed is not None:
         return sub.closed
     if transport is None or transport.is_closing():
         return "gone"
-    sub.go_live(transport, request.version >= HttpVersion11, seen)
+    sub.go_live(Sink(transport, request.version >= HttpVersion11), seen)
     return await sub.ended
 
 
 async def _read_since(
-    request: web.Request, owner: str, since: int | None, reset: bool = False
+    request: web.Request, feed: Feed, owner: str, since: int | None, reset: bool
 ) -> tuple[CatchUp, bytes]:
     """The caller's catch-up (or snapshot) and its events, encoded. A function of its own so
     the rows and bytes are freed once written, not held for the stream's whole life."""
-    feed = request.app[keys.HUB].feed
     try:
         async with request.app[keys.POOL].acquire() as conn:
             result = await catch_up(conn, feed, [owner], since)
@@ -107,25 +129,23 @@ async def _read_since(
     return result, b"".join(chunks)
 
 
-async def file_events(request: web.Request) -> web.StreamResponse:
-    """GET /api/files/events: every file of the caller, live, resumable by cursor.
+async def feed_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/{feed}/events: every row of the caller, live, resumable by cursor.
 
     After a TRUNCATE of the table the stream starts over in place: `reset`, a fresh
     snapshot, `synced`, live again."""
-    app = request.app
-    principal = await app[keys.AUTH].authenticate(request)
-    owner = str(principal.user_id)
+    principal, feed, owner = await _caller(request)
     since = _cursor(request)
     snapshot = _flag(request, "snapshot")
-    hub = app[keys.HUB]
+    hub = request.app[keys.HUB]
     response: web.StreamResponse | None = None
     truncated = False
     while True:
-        sub = hub.subscribe(owner)
+        sub = hub.subscribe(feed, owner, principal.subject)
         expiry = _expire_at(sub, principal.expires_at)
         try:
             if since is not None or snapshot or truncated:
-                result, caught_up = await _read_since(request, owner, since, truncated)
+                result, caught_up = await _read_since(request, feed, owner, since, truncated)
                 seen = result.snapshot
                 del result
             else:
@@ -139,7 +159,7 @@ async def file_events(request: web.Request) -> web.StreamResponse:
                 del caught_up
             synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
             await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
-            if await _live(request, response, sub, seen) != "truncated":
+            if await _live(request, sub, seen) != "truncated":
                 return response
         except ConnectionResetError:
             return web.Response()  # the client left during set-up: nothing to answer
@@ -149,17 +169,11 @@ async def file_events(request: web.Request) -> web.StreamResponse:
         since, truncated = None, True
 
 
-def _row_id(request: web.Request) -> str:
-    try:
-        return str(UUID(request.match_info["id"]))
-    except ValueError:
-        raise InvalidId() from None
-
-
-async def _read_one(request: web.Request, owner: str, row_id: str) -> tuple[Snapshot, Row]:
+async def _read_one(
+    request: web.Request, feed: Feed, owner: str, row_id: str
+) -> tuple[Snapshot, Row]:
     """The row's current state and the snapshot it was read in; NotFound when it is
     missing or someone else's."""
-    feed = request.app[keys.HUB].feed
     try:
         async with (
             request.app[keys.POOL].acquire() as conn,
@@ -178,21 +192,19 @@ async def _read_one(request: web.Request, owner: str, row_id: str) -> tuple[Snap
     return seen, Row.of(record)
 
 
-async def file_item_events(request: web.Request) -> web.StreamResponse:
-    """GET /api/files/{id}/events: one file's state, then its updates until the end."""
-    app = request.app
-    principal = await app[keys.AUTH].authenticate(request)
-    row_id = _row_id(request)
-    owner = str(principal.user_id)
-    hub = app[keys.HUB]
-    sub = hub.subscribe(owner, row_id)
+async def row_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/{feed}/{id}/events: one row's state, then its updates until the end."""
+    principal, feed, owner = await _caller(request)
+    row_id = feed.parse_id(request.match_info["id"])
+    hub = request.app[keys.HUB]
+    sub = hub.subscribe(feed, owner, principal.subject, row_id)
     expiry = _expire_at(sub, principal.expires_at)
     try:
-        seen, row = await _read_one(request, owner, row_id)
+        seen, row = await _read_one(request, feed, owner, row_id)
         response = await _open(request)
-        await response.write(hub.feed.update_frame(row, seen.cursor))
+        await response.write(feed.update_frame(row, seen.cursor))
         if not row.terminal:
-            await _live(request, response, sub, seen)
+            await _live(request, sub, seen)
         return response
     except ConnectionResetError:
         return web.Response()

@@ -24,12 +24,14 @@ import pytest
 from aiohttp.test_utils import TestServer
 from psycopg import sql
 
+from streamer import keys
 from streamer.app import create_app
 from streamer.auth import mint_token
 from streamer.config import Settings
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
 from streamer.server import server_options
+from streamer.sources.notify import NotifySource
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
 # Writers in production are never the table's owner: the tests write as such a role, with
@@ -183,9 +185,7 @@ async def start_service(database_url: str, **overrides: Any) -> Service:
     server = TestServer(app, host="127.0.0.1")
     # Set up as `streamer serve` sets it up: the same limits, logs and access log.
     await server.start_server(**server_options())
-    from streamer import keys
-
-    await app[keys.LISTENER].ready.wait()
+    await app[keys.DISPATCHER].ready.wait()
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
     return Service(server, session, settings)
 
@@ -193,6 +193,13 @@ async def start_service(database_url: str, **overrides: Any) -> Service:
 async def stop_service(service: Service) -> None:
     await service.session.close()
     await service.server.close()
+
+
+def notify_source(service: Service) -> NotifySource:
+    """The service's change connection (the NOTIFY source)."""
+    source = service.app[keys.DISPATCHER].source
+    assert isinstance(source, NotifySource)
+    return source
 
 
 @pytest.fixture

@@ -642,7 +642,7 @@ async def test_a_database_that_lost_acknowledged_commits_resets_streams_and_issu
                         assert any("reset" in w.names() for w in client.connections)
                 else:
                     async with asyncio.timeout(TIMEOUT):
-                        await service.app[keys.LISTENER].ready.wait()
+                        await service.app[keys.DISPATCHER].ready.wait()
                     clients = await stack.enter_async_context(
                         following(base_url, [user], service.session)
                     )

@@ -450,7 +450,7 @@ async def test_a_client_that_never_finishes_its_headers_is_let_go_while_streams_
     await server.start_server(**{**server_options(), "keepalive_timeout": 0.5})
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
     try:
-        await app[keys.LISTENER].ready.wait()
+        await app[keys.DISPATCHER].ready.wait()
         async with open_stream(session, str(server.make_url(EVENTS)), token_for(user)) as stream:
             reader, slow = await asyncio.open_connection(server.host, server.port)
             head = b"GET /api/files/events HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200

@@ -81,7 +81,7 @@ class DemoService:
             app, access_log_class=AccessLogger, handler_cancellation=True, shutdown_timeout=1.0
         )
         await runner.setup()
-        await app[keys.LISTENER].ready.wait()
+        await app[keys.DISPATCHER].ready.wait()
         await web.TCPSite(runner, self.settings.host, self.settings.port).start()
         self.runner = runner
 

@@ -2,7 +2,7 @@
 
 streamer-client.d.ts is written by hand; these tests read it and compare it, field by field
 and type by type, with what defines each event: the pydantic models of the stream's own
-events (streamer/events.py), the `files` table for the file a `file-update` carries, and the
+events (streamer/sse.py), the `files` table for the file a `file-update` carries, and the
 frames the server really builds for a row's events. Neither side can gain, lose or retype a
 field alone.
 """
@@ -23,7 +23,7 @@ import psycopg
 import pytest
 from pydantic import BaseModel, create_model
 
-from streamer import events
+from streamer import sse as events
 from streamer.feed import FILES, Row
 
 DTS = Path(events.__file__).parent / "static" / "streamer-client.d.ts"

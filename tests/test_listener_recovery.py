@@ -13,12 +13,19 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from streamer import dispatch as dispatch_module
 from streamer import feed, keys
-from streamer import listener as listener_module
 from streamer.db import migrate
+from streamer.dispatch import Dispatcher
 from streamer.embedded import EmbeddedPostgres
-from streamer.listener import Listener
-from tests.conftest import Service, insert_file, start_service, stop_service, token_for
+from tests.conftest import (
+    Service,
+    insert_file,
+    notify_source,
+    start_service,
+    stop_service,
+    token_for,
+)
 from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
@@ -59,14 +66,14 @@ class Blackhole:
             self._server = None
 
 
-def listener_of(service: Service) -> Listener:
-    listener: Listener = service.app[keys.LISTENER]
-    return listener
+def listener_of(service: Service) -> Dispatcher:
+    dispatcher: Dispatcher = service.app[keys.DISPATCHER]
+    return dispatcher
 
 
 async def kill_listener(service: Service) -> None:
     """Terminate the listener's backend, as the database's owner (a writer may not)."""
-    connection = listener_of(service).connection
+    connection = notify_source(service).connection
     assert connection is not None
     owner = await asyncpg.connect(service.settings.database_url)
     try:
@@ -79,16 +86,16 @@ async def kill_listener(service: Service) -> None:
 async def listener_held_down(service: Service) -> AsyncIterator[None]:
     """Kill the listener's backend and keep it from reconnecting until the block ends."""
     listener = listener_of(service)
-    real_dsn = listener.dsn
+    real_dsn = notify_source(service).dsn
     async with Blackhole() as hole:
-        listener.dsn = hole.dsn
+        notify_source(service).dsn = hole.dsn
         try:
             await kill_listener(service)
             await asyncio.wait_for(hole.attempted.wait(), 10)
             assert not listener.ready.is_set()
             yield
         finally:
-            listener.dsn = real_dsn
+            notify_source(service).dsn = real_dsn
     # The attempt in the hole fails; the next one reaches the real database.
 
 
@@ -207,7 +214,7 @@ async def test_a_stream_opened_while_the_listener_recovers_misses_nothing(
         await go_on.wait()
         return await real_snapshot(conn)
 
-    monkeypatch.setattr(listener_module, "current_snapshot", held_snapshot)
+    monkeypatch.setattr(dispatch_module, "current_snapshot", held_snapshot)
     sessions = listener.sessions
     await kill_listener(service)
     await asyncio.wait_for(recovering.wait(), 10)
@@ -230,15 +237,15 @@ async def test_a_stream_opened_while_the_listener_recovers_never_gets_older_stat
     doomed = await insert_file(db, user, "doomed.pdf", status="processing")
     listener = listener_of(service)
     caught_up, go_on = asyncio.Event(), asyncio.Event()
-    real_catch_up = feed.catch_up
+    real_changes_since = feed.changes_since
 
     async def held_catch_up(*args, **kwargs):
-        result = await real_catch_up(*args, **kwargs)
+        result = await real_changes_since(*args, **kwargs)
         caught_up.set()
         await go_on.wait()
         return result
 
-    monkeypatch.setattr(listener_module, "catch_up", held_catch_up)
+    monkeypatch.setattr(dispatch_module, "changes_since", held_catch_up)
     sessions = listener.sessions
     url = service.url(EVENTS)
     async with open_stream(service.session, url, token_for(user)) as first_tab:
@@ -290,7 +297,7 @@ async def _restart_while_streaming(
     service: Service, server: EmbeddedPostgres, url: str, user: uuid.UUID
 ) -> None:
     listener = listener_of(service)
-    real_dsn = listener.dsn
+    real_dsn = notify_source(service).dsn
     db = await asyncpg.connect(url)
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
         before = await insert_file(db, user, "before.pdf")
@@ -302,7 +309,7 @@ async def _restart_while_streaming(
         sessions = listener.sessions
         async with Blackhole() as hole:
             # Keep the listener away until writes were made on the restarted server.
-            listener.dsn = hole.dsn
+            notify_source(service).dsn = hole.dsn
             await asyncio.to_thread(server.stop)
             await asyncio.wait_for(hole.attempted.wait(), 20)
             await asyncio.to_thread(server.start)
@@ -312,7 +319,7 @@ async def _restart_while_streaming(
             db = await asyncpg.connect(url)
             added = await insert_file(db, user, "after-restart.pdf")
             await db.execute("update files set progress = 70 where id = $1", before)
-            listener.dsn = real_dsn
+            notify_source(service).dsn = real_dsn
         await back_up(service, sessions)
 
         latest: dict[str, int] = {}

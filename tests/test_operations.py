@@ -14,7 +14,7 @@ from streamer import keys
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.server import server_options
-from tests.conftest import SECRET, Service, insert_file, token_for
+from tests.conftest import SECRET, Service, insert_file, notify_source, token_for
 from tests.scrape import eventually, scrape
 from tests.sse import open_stream
 
@@ -99,11 +99,9 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
         assert after["streamer_listener_reconnects_total"] == 0
 
         # The LISTEN connection is killed: it comes back on its own, and the count says so.
-        listener = service.app[keys.LISTENER]
-        assert listener.connection is not None
-        await owner_db.execute(
-            "select pg_terminate_backend($1)", listener.connection.get_server_pid()
-        )
+        connection = notify_source(service).connection
+        assert connection is not None
+        await owner_db.execute("select pg_terminate_backend($1)", connection.get_server_pid())
 
         async def reconnected() -> bool:
             samples = await scrape(service.session, metrics_url)

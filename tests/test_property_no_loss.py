@@ -25,6 +25,7 @@ from tests.conftest import (
     as_writer,
     fresh_database,
     insert_file,
+    notify_source,
     start_service,
     stop_service,
     token_for,
@@ -131,7 +132,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
     users = [uuid.uuid4() for _ in range(USERS)]
     clients = [Client(service, u) for u in users]
     files = [await insert_file(db, u, f"{n}.bin") for u in users for n in range(2)]
-    listener = service.app[keys.LISTENER]
+    source = notify_source(service)
     try:
         for client in clients:
             await client.connect()
@@ -148,7 +149,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
                 await clients[args[0]].disconnect()
                 await clients[args[0]].connect()
             elif kind == "kill_listener":
-                connection = listener.connection
+                connection = source.connection
                 if connection is not None and not connection.is_closed():
                     await admin.execute(
                         "select pg_terminate_backend($1)", connection.get_server_pid()
@@ -180,7 +181,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
             else:
                 raise AssertionError(kind)
 
-        await asyncio.wait_for(listener.ready.wait(), 20)
+        await asyncio.wait_for(service.app[keys.DISPATCHER].ready.wait(), 20)
         for client in clients:
             if client.ended:  # the server may end a stream (a reset); a browser reconnects
                 await client.connect()

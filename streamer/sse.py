@@ -7,6 +7,7 @@ shared by every stream it goes to.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -76,3 +77,50 @@ def row_frame(name: bytes, key: bytes, value: str, cursor: str) -> bytes:
 
 def retry_frame(milliseconds: int) -> bytes:
     return f"retry: {milliseconds}\n\n".encode()
+
+
+class Sink:
+    """Where a live stream's bytes go: straight into its connection, behind aiohttp's back,
+    so that no task wakes up per event. A chunked response gets each message as one HTTP/1.1
+    chunk, framed once per message and shared by every stream it goes to."""
+
+    __slots__ = ("_chunked", "_transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
+        self._transport = transport
+        self._chunked = chunked
+
+    def write(self, messages: list[Message]) -> None:
+        if self._chunked:
+            parts = [message.chunk for message in messages]
+        else:
+            parts = [message.data for message in messages]
+        self._transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+    @property
+    def closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def unsent(self) -> int:
+        """Bytes written that the client has not taken yet."""
+        return self._transport.get_write_buffer_size()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+
+class Message:
+    """One whole SSE message, encoded once for every stream it goes to."""
+
+    __slots__ = ("_chunk", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._chunk: bytes | None = None
+
+    @property
+    def chunk(self) -> bytes:
+        """`data` as one HTTP/1.1 chunk, made at most once."""
+        if self._chunk is None:
+            self._chunk = b"%x\r\n%b\r\n" % (len(self.data), self.data)
+        return self._chunk

@@ -1,0 +1,289 @@
+"""Whatever the source: recover, and feed the hub every change in commit order.
+
+A source delivers payloads in commit order; they are dispatched in that order. When a
+payload carries only a reference (the row was too big to travel), the row is read back
+and the payloads behind it wait, so order holds.
+
+When the source's connection is lost (a restart, pg_terminate_backend, a network cut, a
+ping that does not come back), open streams stay open: the dispatcher reconnects with
+jittered backoff and catches every open stream up from the hub's watermark before
+dispatching what arrived meanwhile. Nothing is lost and no client notices. Anything else
+that fails ends the session and is raised to the task's supervisor, which restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import deque
+
+import asyncpg
+from pydantic import ValidationError
+
+from streamer.feed import (
+    Feed,
+    Feeds,
+    Forged,
+    Notification,
+    Row,
+    Snapshot,
+    changes_since,
+    current_snapshot,
+    decode,
+    fetch_row,
+    signing_key,
+)
+from streamer.hub import Hub, Key
+from streamer.metrics import Metrics
+from streamer.sources import CONNECTION_ERRORS, Source
+
+log = logging.getLogger(__name__)
+
+MARKER = '{"marker":"'  # not a change: see Dispatcher._mark
+NOTHING = Snapshot(0, 0, frozenset())
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        source: Source,
+        pool: asyncpg.Pool,
+        hub: Hub,
+        feeds: Feeds,
+        metrics: Metrics,
+        *,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.source = source
+        self.pool = pool
+        self.hub = hub
+        self.feeds = feeds
+        self.metrics = metrics
+        self.max_backoff = max_backoff
+        self.ready = asyncio.Event()
+        self.sessions = 0
+        self._lost = asyncio.Event()
+        self._failure: Exception | None = None  # raised in a callback, re-raised by run
+        self._inbox: deque[str] = deque()
+        self._holding = True  # until the stream of payloads is known to be complete
+        # The last recovery's snapshot and the streams it caught up: a change that snapshot
+        # saw is already in their streams, but not in streams opened since.
+        self._caught_up: tuple[Snapshot, frozenset[Key]] = (NOTHING, frozenset())
+        self._drain: asyncio.Task[None] | None = None
+        self._marker: tuple[str, Snapshot] | None = None
+        self._key = b""  # what the feed's triggers sign with: read at each connect
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Keep the source connected. A lost connection is retried here, with backoff, for
+        as long as it takes; anything else (a bug) is raised after the teardown, for the
+        task's supervisor to log, count and restart."""
+        failures = 0
+        while True:
+            try:
+                await self._session()
+                failures = 0
+            except CONNECTION_ERRORS as exc:
+                log.warning("change connection failed: %s", exc.__class__.__name__)
+            finally:
+                await self._teardown()
+            failures += 1
+            delay = min(self.max_backoff, 0.05 * 2 ** min(failures, 8)) * random.uniform(0.5, 1)
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        self._lost.clear()
+        self._failure = None
+        self._holding = True
+        await self.source.connect(self._receive)
+        self._key = await signing_key(self.pool)
+        if self.sessions:
+            self.metrics.listener_reconnects.inc()
+        self._caught_up = await self._recover()
+        self.sessions += 1
+        self._release()
+        await self._mark(self._caught_up[0])
+        self.ready.set()
+        self.metrics.listener_up.set(1)
+        log.info("%s", self.source.description)
+        await self._watch()
+
+    async def _recover(self) -> tuple[Snapshot, frozenset[Key]]:
+        """Catch every open stream up on what it missed while the source was down, in one
+        snapshot for every feed.
+
+        Streams may open while this reads: they are not caught up, so the changes this read
+        saw must still reach them (see `_dispatch_ready`)."""
+        owners = self.hub.owners()
+        await self.feeds.refresh()
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snapshot = await current_snapshot(conn)
+            results = []
+            for name, feed_owners in owners.items():
+                feed = self.feeds.get(name)
+                if feed is not None:
+                    since = self.hub.watermark
+                    results.append(
+                        (feed, await changes_since(conn, feed, feed_owners, since, snapshot))
+                    )
+        for feed, result in results:
+            self.hub.dispatch_catch_up(feed, result)
+        if results:
+            caught = sum(len(result.rows) + len(result.gone) for _, result in results)
+            log.info("recovered; %d rows caught up", caught)
+        return snapshot, frozenset((name, owner) for name, os in owners.items() for owner in os)
+
+    async def _mark(self, snapshot: Snapshot) -> None:
+        """Move the hub's watermark up to `snapshot` once every change it saw has arrived.
+
+        A change committed before the snapshot may still be on its way; until it is
+        dispatched, a cursor past it would skip it on resume. A marker committed now comes
+        after the snapshot, and payloads arrive in commit order: when the marker arrives,
+        so has everything the snapshot saw."""
+        token = uuid.uuid4().hex
+        self._marker = (token, snapshot)
+        await self.source.mark(MARKER + token + '"}')
+
+    async def _watch(self) -> None:
+        """Return when the source's connection is lost or this session gave up on it; raise
+        what failed in a callback, for the supervisor to see."""
+        watch = asyncio.ensure_future(self.source.watch())
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({watch, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, lost):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._failure is not None:
+            raise self._failure
+        if watch.done() and not watch.cancelled() and watch.exception() is not None:
+            raise watch.exception()  # type: ignore[misc]
+
+    async def _teardown(self) -> None:
+        self.ready.clear()
+        self.metrics.listener_up.set(0)
+        self._holding = True
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain
+            self._drain = None
+        # What is still in the inbox is caught up after the reconnect, from the watermark.
+        self._inbox.clear()
+        await self.source.close()
+
+    async def close(self) -> None:
+        await self._teardown()
+
+    # -- payloads -------------------------------------------------------------------
+
+    def _receive(self, payload: str) -> None:
+        self._inbox.append(payload)
+        if not self._holding and self._drain is None:
+            self._dispatch_guarded()
+
+    def _release(self) -> None:
+        """Dispatch what arrived while catching up."""
+        self._holding = False
+        self._dispatch_guarded()
+
+    def _dispatch_guarded(self) -> None:
+        """Dispatch from a callback, where an exception would only reach asyncio's log: a
+        failure ends the session instead (the supervisor logs and restarts it, and the
+        recovery catches every stream up on what was not dispatched)."""
+        try:
+            self._dispatch_ready()
+        except Exception as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self._failure = exc
+        self._holding = True
+        self._lost.set()
+
+    def _already_told(self, change: Notification) -> frozenset[Key]:
+        """The streams the last recovery's catch-up already gave this change."""
+        snapshot, caught_up = self._caught_up
+        return caught_up if snapshot.sees(change.xid) else frozenset()
+
+    def _decode(self, payload: str) -> Notification | None:
+        if payload.startswith(MARKER):
+            marker = self._marker
+            if marker is not None and payload == MARKER + marker[0] + '"}':
+                self._marker = None
+                self.hub.rebase(marker[1])
+            return None  # another process's marker, or an old one of ours
+        try:
+            return decode(payload, self._key)
+        except Forged:
+            # Any role that can connect can NOTIFY: only the feed's triggers can sign.
+            if payload:
+                log.warning("ignored a payload that no feed signed")
+                self.metrics.notifications_rejected.inc()
+            else:  # enable_feed or disable_feed: read the feeds again
+                self.feeds.changed()
+        except ValidationError:
+            log.warning("ignored a signed payload this version cannot read")
+            self.metrics.notifications_rejected.inc()
+        return None
+
+    def _dispatch_ready(self) -> None:
+        """Dispatch in order until a payload needs its row read back."""
+        while self._inbox:
+            change = self._decode(self._inbox.popleft())
+            if change is None:
+                continue
+            self.hub.advance(change.horizon)  # xids are database-wide: whatever the feed
+            feed = self.feeds.get(change.feed)
+            if feed is None:
+                self.feeds.changed()  # perhaps enabled a moment ago: nobody streams it yet
+                continue
+            told = self._already_told(change)
+            owner = change.owner or ""  # "" only for a TRUNCATE, which names no owner
+            if (
+                change.op != "t"
+                and {(feed.name, owner), (feed.name, change.old_owner or owner)} <= told
+            ):
+                continue
+            if change.op == "u" and change.row is None and self.hub.serves(feed.name, owner):
+                self._drain = asyncio.create_task(self._dispatch_slow(feed, change, told))
+                return
+            self._dispatch(feed, change, None, told)
+
+    async def _dispatch_slow(self, feed: Feed, change: Notification, told: frozenset[Key]) -> None:
+        try:
+            current = await fetch_row(self.pool, feed, change.row_id)
+            self._dispatch(feed, change, current, told)
+        except CONNECTION_ERRORS as exc:
+            # Leave the gap to the recovery: drop the connection, catch up.
+            log.warning("could not read back a large row: %s", exc.__class__.__name__)
+            self._lost.set()
+            return
+        except Exception as exc:
+            self._fail(exc)
+            return
+        finally:
+            self._drain = None
+        self._dispatch_guarded()
+
+    def _dispatch(
+        self,
+        feed: Feed,
+        change: Notification,
+        current: Row | None,
+        told: frozenset[Key] = frozenset(),
+    ) -> None:
+        self.metrics.notifications.inc()
+        if change.at is not None:
+            self.metrics.notification_lag.observe(max(0.0, time.time() - change.at))
+        self.hub.dispatch(feed, change, current or change.current(), skip=told)

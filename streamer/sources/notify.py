@@ -1,0 +1,57 @@
+"""The NOTIFY source: one dedicated asyncpg connection LISTENing on the feed's channel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import asyncpg
+
+from streamer.feed import CHANNEL
+
+
+class NotifySource:
+    description = f"listening on channel {CHANNEL!r}"
+
+    def __init__(
+        self,
+        dsn: str,
+        pool: asyncpg.Pool,
+        *,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 5.0,
+    ) -> None:
+        self.dsn = dsn
+        self.pool = pool
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.connection: asyncpg.Connection | None = None
+        self._lost = asyncio.Event()
+
+    async def connect(self, receive: Callable[[str], None]) -> None:
+        self._lost.clear()
+        conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)
+        self.connection = conn
+        conn.add_termination_listener(lambda _: self._lost.set())
+        await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, payload: receive(payload))
+
+    async def mark(self, payload: str) -> None:
+        # Through the pool: a NOTIFY of the listening connection itself would also do, but
+        # would wait behind a ping.
+        await self.pool.execute("select pg_notify($1, $2)", CHANNEL, payload)
+
+    async def watch(self) -> None:
+        """Return when the connection is gone, or does not answer a ping (half-open)."""
+        conn = self.connection
+        assert conn is not None
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
+                return
+            await asyncio.wait_for(conn.fetchval("select 1"), timeout=self.ping_timeout)
+
+    async def close(self) -> None:
+        conn, self.connection = self.connection, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()

@@ -20,7 +20,7 @@ from streamer.config import Settings
 from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
 from streamer.errors import ApiError, AuthError
-from streamer.feed import Feeds, prune
+from streamer.feed import Feeds, Reads, prune
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.sources.notify import NotifySource
@@ -131,10 +131,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[keys.DSN], settings.pool_size)
     app[keys.POOL] = pool
     hub = app[keys.HUB]
-    feeds = app[keys.FEEDS] = Feeds(pool, lambda name: hub.close_all("disabled", name))
+    reads = Reads(pool)
+    feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all("disabled", name))
     await feeds.refresh()
     source = NotifySource(app[keys.LISTEN_DSN], pool)
-    dispatcher = Dispatcher(source, pool, hub, feeds, app[keys.METRICS])
+    dispatcher = Dispatcher(source, reads, hub, feeds, app[keys.METRICS])
     app[keys.DISPATCHER] = dispatcher
     # The owner of every long-lived task of the app: made first, stopped last, before
     # the pool those tasks use is closed.

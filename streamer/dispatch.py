@@ -21,22 +21,9 @@ import time
 import uuid
 from collections import deque
 
-import asyncpg
 from pydantic import ValidationError
 
-from streamer.feed import (
-    Feed,
-    Feeds,
-    Forged,
-    Notification,
-    Row,
-    Snapshot,
-    changes_since,
-    current_snapshot,
-    decode,
-    fetch_row,
-    signing_key,
-)
+from streamer.feed import Feed, Feeds, Forged, Notification, Reads, Row, Snapshot, decode
 from streamer.hub import Hub, Key
 from streamer.metrics import Metrics
 from streamer.sources import CONNECTION_ERRORS, Source
@@ -51,7 +38,7 @@ class Dispatcher:
     def __init__(
         self,
         source: Source,
-        pool: asyncpg.Pool,
+        reads: Reads,
         hub: Hub,
         feeds: Feeds,
         metrics: Metrics,
@@ -59,7 +46,7 @@ class Dispatcher:
         max_backoff: float = 5.0,
     ) -> None:
         self.source = source
-        self.pool = pool
+        self.reads = reads
         self.hub = hub
         self.feeds = feeds
         self.metrics = metrics
@@ -101,7 +88,7 @@ class Dispatcher:
         self._failure = None
         self._holding = True
         await self.source.connect(self._receive)
-        self._key = await signing_key(self.pool)
+        self._key = await self.reads.signing_key()
         if self.sessions:
             self.metrics.listener_reconnects.inc()
         self._caught_up = await self._recover()
@@ -121,23 +108,16 @@ class Dispatcher:
         saw must still reach them (see `_dispatch_ready`)."""
         owners = self.hub.owners()
         await self.feeds.refresh()
-        async with (
-            self.pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            snapshot = await current_snapshot(conn)
-            results = []
-            for name, feed_owners in owners.items():
-                feed = self.feeds.get(name)
-                if feed is not None:
-                    since = self.hub.watermark
-                    results.append(
-                        (feed, await changes_since(conn, feed, feed_owners, since, snapshot))
-                    )
-        for feed, result in results:
+        served = [
+            (feed, feed_owners)
+            for name, feed_owners in owners.items()
+            if (feed := self.feeds.get(name)) is not None
+        ]
+        snapshot, results = await self.reads.changes(served, self.hub.watermark)
+        for (feed, _), result in zip(served, results, strict=True):
             self.hub.dispatch_catch_up(feed, result)
-        if results:
-            caught = sum(len(result.rows) + len(result.gone) for _, result in results)
+        if served:
+            caught = sum(len(result.rows) + len(result.gone) for result in results)
             log.info("recovered; %d rows caught up", caught)
         return snapshot, frozenset((name, owner) for name, os in owners.items() for owner in os)
 
@@ -262,7 +242,7 @@ class Dispatcher:
 
     async def _dispatch_slow(self, feed: Feed, change: Notification, told: frozenset[Key]) -> None:
         try:
-            current = await fetch_row(self.pool, feed, change.row_id)
+            current = await self.reads.row(feed, change.row_id)
             self._dispatch(feed, change, current, told)
         except CONNECTION_ERRORS as exc:
             # Leave the gap to the recovery: drop the connection, catch up.

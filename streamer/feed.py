@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from uuid import UUID
@@ -125,12 +125,12 @@ class Feeds:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        load: Callable[[], Awaitable[dict[str, Feed]]],
         on_disabled: Callable[[str], None],
         *,
         interval: float = 2.0,
     ) -> None:
-        self.pool = pool
+        self.load = load
         self.on_disabled = on_disabled
         self.interval = interval
         self.by_name: dict[str, Feed] = {}
@@ -144,10 +144,7 @@ class Feeds:
         self._wake.set()
 
     async def refresh(self) -> None:
-        records = await self.pool.fetch(
-            "select name, owner_column, event, terminal, id_type, owner_type from streamer.feeds"
-        )
-        found = {record["name"]: Feed.of(record) for record in records}
+        found = await self.load()
         before, self.by_name = self.by_name, found
         for name, feed in before.items():
             if found.get(name) != feed:
@@ -237,9 +234,39 @@ def decode(payload: str, key: bytes) -> Notification:
     return change
 
 
-async def signing_key(conn: asyncpg.Connection | asyncpg.Pool) -> bytes:
-    key: bytes = await conn.fetchval("select key from streamer.signing_key")
-    return key
+class Reads:
+    """Everything the dispatcher reads from the database (unit tests give it another)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def signing_key(self) -> bytes:
+        key: bytes = await self.pool.fetchval("select key from streamer.signing_key")
+        return key
+
+    async def feeds(self) -> dict[str, Feed]:
+        records = await self.pool.fetch(
+            "select name, owner_column, event, terminal, id_type, owner_type from streamer.feeds"
+        )
+        return {record["name"]: Feed.of(record) for record in records}
+
+    async def changes(
+        self, owners: list[tuple[Feed, list[str]]], since: int
+    ) -> tuple[Snapshot, list[CatchUp]]:
+        """What changed since `since` for these owners of these feeds, in one snapshot."""
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snapshot = await current_snapshot(conn)
+            results = [
+                await changes_since(conn, feed, feed_owners, since, snapshot)
+                for feed, feed_owners in owners
+            ]
+        return snapshot, results
+
+    async def row(self, feed: Feed, row_id: str) -> Row | None:
+        return await fetch_row(self.pool, feed, row_id)
 
 
 # -- cursors -------------------------------------------------------------------------

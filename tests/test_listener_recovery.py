@@ -13,7 +13,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from streamer import dispatch as dispatch_module
 from streamer import feed, keys
 from streamer.db import migrate
 from streamer.dispatch import Dispatcher
@@ -214,7 +213,7 @@ async def test_a_stream_opened_while_the_listener_recovers_misses_nothing(
         await go_on.wait()
         return await real_snapshot(conn)
 
-    monkeypatch.setattr(dispatch_module, "current_snapshot", held_snapshot)
+    monkeypatch.setattr(feed, "current_snapshot", held_snapshot)
     sessions = listener.sessions
     await kill_listener(service)
     await asyncio.wait_for(recovering.wait(), 10)
@@ -237,15 +236,15 @@ async def test_a_stream_opened_while_the_listener_recovers_never_gets_older_stat
     doomed = await insert_file(db, user, "doomed.pdf", status="processing")
     listener = listener_of(service)
     caught_up, go_on = asyncio.Event(), asyncio.Event()
-    real_changes_since = feed.changes_since
+    real_changes = listener.reads.changes
 
     async def held_catch_up(*args, **kwargs):
-        result = await real_changes_since(*args, **kwargs)
+        result = await real_changes(*args, **kwargs)
         caught_up.set()
         await go_on.wait()
         return result
 
-    monkeypatch.setattr(dispatch_module, "changes_since", held_catch_up)
+    monkeypatch.setattr(listener.reads, "changes", held_catch_up)
     sessions = listener.sessions
     url = service.url(EVENTS)
     async with open_stream(service.session, url, token_for(user)) as first_tab:

@@ -1,0 +1,283 @@
+"""The dispatcher and the hub with an in-memory source and database: ordering, read-back,
+recovery, markers and failures, with no Postgres at all."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from streamer.dispatch import MARKER, Dispatcher
+from streamer.feed import FILES, CatchUp, Feed, Feeds, Row, Snapshot
+from streamer.hub import Hub, Subscriber
+from streamer.metrics import Metrics
+from streamer.sse import Sink
+
+KEY = b"unit-test-signing-key"
+ALICE, BOB = "a0000000-0000-0000-0000-00000000000a", "b0000000-0000-0000-0000-00000000000b"
+
+
+def signed(body: str, key: bytes = KEY) -> str:
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest() + body
+
+
+def change(
+    row_id: str,
+    owner: str,
+    version: int,
+    xid: int,
+    *,
+    horizon: int | None = None,
+    row: dict[str, Any] | None = None,
+    op: str = "u",
+    old_owner: str | None = None,
+) -> str:
+    envelope: dict[str, Any] = {
+        "f": "files",
+        "o": op,
+        "id": row_id,
+        "u": owner,
+        "v": version,
+        "x": xid,
+        "m": xid if horizon is None else horizon,
+        "e": False,
+    }
+    if old_owner is not None:
+        envelope["ou"] = old_owner
+    body = json.dumps(envelope, separators=(",", ":"))
+    if row is not None:
+        body += "\n" + json.dumps({"id": row_id, **row, "version": version})
+    return signed(body)
+
+
+class MemorySource:
+    """A change connection in memory: payloads arrive when the test says so, in order."""
+
+    description = "in memory"
+
+    def __init__(self) -> None:
+        self.receive: Callable[[str], None] | None = None
+        self.lost = asyncio.Event()
+        self.connects = 0
+
+    async def connect(self, receive: Callable[[str], None]) -> None:
+        self.lost.clear()
+        self.receive = receive
+        self.connects += 1
+
+    def commit(self, payload: str) -> None:
+        assert self.receive is not None
+        self.receive(payload)
+
+    async def mark(self, payload: str) -> None:
+        # Committed now: it arrives after everything committed before it.
+        asyncio.get_running_loop().call_soon(self.commit, payload)
+
+    async def watch(self) -> None:
+        await self.lost.wait()
+
+    async def close(self) -> None:
+        self.receive = None
+
+
+class MemoryReads:
+    """The database as the dispatcher reads it."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+        self.snapshot = Snapshot(100, 100, frozenset())
+        self.caught_up: list[Row] = []
+        self.reading_row = asyncio.Event()
+        self.row_may_return = asyncio.Event()
+        self.row_may_return.set()
+
+    async def signing_key(self) -> bytes:
+        return KEY
+
+    async def feeds(self) -> dict[str, Feed]:
+        return {"files": FILES}
+
+    async def changes(
+        self, owners: list[tuple[Feed, list[str]]], since: int
+    ) -> tuple[Snapshot, list[CatchUp]]:
+        results = []
+        for _feed, feed_owners in owners:
+            rows = [row for row in self.caught_up if row.owner in feed_owners]
+            results.append(CatchUp(self.snapshot, False, rows, []))
+        return self.snapshot, results
+
+    async def row(self, feed: Feed, row_id: str) -> Row | None:
+        self.reading_row.set()
+        await self.row_may_return.wait()
+        return self.rows.get(row_id)
+
+
+class Transport(asyncio.WriteTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def abort(self) -> None:
+        pass
+
+
+def events_of(transport: Transport) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for message in transport.written.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
+        if "event" in lines:
+            found.append((lines["event"], json.loads(lines["data"])))
+    return found
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.hub = Hub(
+            self.metrics, max_streams_per_owner=10, max_streams=100, queue_limit=100,
+            write_timeout=10,
+        )  # fmt: skip
+        self.source = MemorySource()
+        self.reads = MemoryReads()
+        self.feeds = Feeds(self.reads.feeds, lambda name: None)
+        self.dispatcher = Dispatcher(self.source, self.reads, self.hub, self.feeds, self.metrics)  # type: ignore[arg-type]
+
+    def live(self, owner: str, row_id: str | None = None) -> tuple[Subscriber, Transport]:
+        sub = self.hub.subscribe(FILES, owner, owner, row_id)
+        transport = Transport()
+        sub.go_live(Sink(transport, chunked=False), Snapshot(0, 0, frozenset()))
+        return sub, transport
+
+
+@pytest.fixture
+async def rig() -> Any:
+    rig = Rig()
+    task = asyncio.create_task(rig.dispatcher.run())
+    await asyncio.wait_for(rig.dispatcher.ready.wait(), 5)
+    yield rig
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def settled() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_changes_reach_their_owner_in_commit_order_and_nobody_else(rig: Rig) -> None:
+    _, alice = rig.live(ALICE)
+    _, bob = rig.live(BOB)
+    for version in (1, 2, 3):
+        rig.source.commit(change("f1", ALICE, version, 200 + version, row={"progress": version}))
+    await settled()
+    assert [data["file"]["progress"] for _, data in events_of(alice)] == [1, 2, 3]
+    assert events_of(bob) == []
+
+
+async def test_a_payload_signed_with_another_key_reaches_nobody_and_is_counted(rig: Rig) -> None:
+    _, alice = rig.live(ALICE)
+    body = change("f1", ALICE, 1, 201, row={"filename": "PHISHING.pdf"})[64:]
+    rig.source.commit(signed(body, b"guessed"))
+    rig.source.commit(body)
+    await settled()
+    assert events_of(alice) == []
+    assert rig.metrics.registry.get_sample_value("streamer_notifications_rejected_total") == 2
+
+
+async def test_a_row_too_big_to_travel_is_read_back_and_what_follows_waits_for_it(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    rig.reads.row_may_return.clear()
+    rig.reads.rows["big"] = Row(ALICE, "big", 1, '{"id":"big","version":1}', False)
+    rig.source.commit(change("big", ALICE, 1, 201))  # the envelope alone
+    rig.source.commit(change("small", ALICE, 1, 202, row={}))
+    await rig.reads.reading_row.wait()
+    await settled()
+    assert events_of(alice) == []  # the small one waits behind the read-back
+    rig.reads.row_may_return.set()
+    await settled()
+    assert [data["file"]["id"] for _, data in events_of(alice)] == ["big", "small"]
+
+
+async def test_a_row_read_back_at_a_later_version_is_not_sent_ahead_of_older_ones(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    rig.reads.rows["big"] = Row(ALICE, "big", 2, '{"id":"big","version":2}', False)
+    rig.source.commit(change("big", ALICE, 1, 201))
+    rig.source.commit(change("big", ALICE, 2, 202, row={"x": 1}))
+    await settled()
+    assert [data["file"]["version"] for _, data in events_of(alice)] == [2]
+
+
+async def test_an_ownership_change_is_a_delete_for_the_old_owner_and_an_update_for_the_new(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    _, bob = rig.live(BOB)
+    rig.source.commit(change("f1", BOB, 5, 205, row={}, old_owner=ALICE))
+    await settled()
+    assert [name for name, _ in events_of(alice)] == ["file-deleted"]
+    assert [name for name, _ in events_of(bob)] == ["file-update"]
+
+
+async def test_the_cursor_follows_the_horizon_and_a_marker_raises_it_to_the_snapshot(
+    rig: Rig,
+) -> None:
+    assert rig.hub.watermark == 100  # the first session's marker: its recovery snapshot
+    rig.source.commit(change("f1", ALICE, 1, 300, horizon=250, row={}))
+    await settled()
+    assert rig.hub.watermark == 250
+    rig.source.commit(MARKER + 'someone-else"}')  # another process's marker: no effect
+    await settled()
+    assert rig.hub.watermark == 250
+
+
+async def test_recovery_catches_open_streams_up_and_does_not_repeat_what_it_read(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    rig.reads.snapshot = Snapshot(400, 402, frozenset({401}))
+    rig.reads.caught_up = [Row(ALICE, "f1", 399 * 1024, '{"id":"f1","version":1}', False)]
+    sessions = rig.dispatcher.sessions
+    rig.source.lost.set()  # the connection drops; the dispatcher reconnects and recovers
+    while rig.dispatcher.sessions == sessions:
+        await asyncio.sleep(0.01)
+    # Arriving after the reconnect: one the recovery's snapshot saw, one it did not.
+    rig.source.commit(change("f1", ALICE, 399 * 1024, 399, row={}))
+    rig.source.commit(change("f2", ALICE, 401 * 1024, 401, row={}))
+    await settled()
+    assert [data["file"]["id"] for _, data in events_of(alice)] == ["f1", "f2"]
+    assert rig.source.connects == 2
+
+
+async def test_a_bug_in_dispatch_ends_the_session_and_is_raised_for_the_supervisor() -> None:
+    rig = Rig()
+    task = asyncio.create_task(rig.dispatcher.run())
+    await asyncio.wait_for(rig.dispatcher.ready.wait(), 5)
+    rig.live(ALICE)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    rig.hub.dispatch = broken  # type: ignore[method-assign]
+    rig.source.commit(change("f1", ALICE, 1, 201, row={}))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(task, 5)
+    assert not rig.dispatcher.ready.is_set()

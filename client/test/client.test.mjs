@@ -1,13 +1,8 @@
-// The browser client against a scripted EventSource: run with `node --test tests/js/`.
+// The client against a scripted EventSource: run with `npm test` here, or `make js-test`.
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
-import {
-  connectFeed,
-  connectFiles,
-  watchFile,
-  watchRow,
-} from "../../streamer/static/streamer-client.js";
+import { connectFeed, connectFiles, watchFile, watchRow } from "streamer-client";
 
 // A stand-in for the browser's EventSource that a test drives by hand.
 function fakeEventSource() {

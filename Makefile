@@ -4,46 +4,96 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian's browser and driver: the browser test uses these paths and never downloads its own.
+# Python dependencies come from uv.lock, installed by uv (from PyPI, into a venv of its own).
+UV_VERSION := 0.13.9
+UV_HOME := .uv
+UV := $(UV_HOME)/bin/uv
+UV_SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never \
+	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet
+# Debian's browser and driver: the browser tests use these paths and never download their own.
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
+NGINX := /usr/sbin/nginx
+# The browser client's one source is client/ (an npm package). The service serves a copy at
+# /static for pages without a build step; the copy is committed, so that an installed
+# package has it too, and make refreshes it (js-test fails if it was edited by hand).
+CLIENT_FILES := streamer-client.js streamer-client.d.ts
+SERVED := $(addprefix streamer/static/,$(CLIENT_FILES))
+APP := examples/sveltekit
+APP_INPUTS := $(shell find $(APP)/src -type f 2>/dev/null) $(addprefix $(APP)/,package.json \
+	svelte.config.js vite.config.ts tsconfig.json) client/package.json \
+	$(addprefix client/src/,$(CLIENT_FILES))
 # apt-get as root, or through sudo; sudo drops the environment, so env passes it through.
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo test lint format pytest js-deps js-test browser-deps bench soak clean
+.PHONY: help install run demo example app test lint format pytest js-deps js-test browser-deps \
+	nginx-deps lock bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(UV):
+	$(PYTHON) -m venv $(UV_HOME)
+	$(UV_HOME)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	$(UV_SYNC)
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install streamer with its dev tools
+install: $(STAMP) $(SERVED) ## create .venv and install streamer with its dev tools, from uv.lock
 
-run: $(STAMP) ## run the service (embedded Postgres unless DATABASE_URL is set)
+lock: | $(UV) ## update uv.lock after a change of pyproject.toml's dependencies
+	$(UV) lock --python $(PYTHON)
+
+streamer/static/%: client/src/%
+	cp $< $@
+
+run: install ## run the service (embedded Postgres unless DATABASE_URL is set)
 	$(BIN)/streamer serve
 
-demo: $(STAMP) ## embedded Postgres + simulated file processor + live demo page
+demo: install ## embedded Postgres + simulated file processor + live demo page
 	$(BIN)/streamer demo
 
-browser-deps: ## install Debian's chromium and chromium-driver for the browser test
+example: install nginx-deps app ## nginx (HTTP/2) on https://127.0.0.1:8443, two streamer nodes, the SvelteKit app
+	exec $(BIN)/python -m examples.stack
+
+browser-deps: ## install Debian's chromium and chromium-driver for the browser tests
 	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
 		echo "installing chromium and chromium-driver (apt-get)"; \
 		$(APT_INSTALL) chromium chromium-driver >/dev/null; \
 	fi
 	@test -x $(CHROMIUM) && test -x $(CHROMEDRIVER)
 
-js-deps: ## install Node.js (Debian's) for the client's unit tests, when node is missing
+nginx-deps: ## install Debian's nginx (run by the example and its test, never as the system service)
+	@if [ ! -x $(NGINX) ]; then \
+		echo "installing nginx (apt-get)"; \
+		$(APT_INSTALL) nginx >/dev/null; \
+	fi
+	@test -x $(NGINX) && command -v openssl >/dev/null
+
+js-deps: ## install Node.js and npm (Debian's) when missing
 	@if ! command -v node >/dev/null; then \
 		echo "installing nodejs (apt-get)"; \
 		$(APT_INSTALL) nodejs >/dev/null; \
 	fi
+	@if ! command -v npm >/dev/null; then \
+		echo "installing npm (apt-get)"; \
+		$(APT_INSTALL) npm >/dev/null; \
+	fi
+
+$(APP)/node_modules/.installed: $(APP)/package-lock.json client/package.json | js-deps
+	cd $(APP) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Built only when an input changed: type-checked against the client's types, then built.
+$(APP)/build/.built: $(APP)/node_modules/.installed $(APP_INPUTS)
+	cd $(APP) && npm run --silent check && npm run --silent build >/dev/null
+	touch $@
+
+app: $(APP)/build/.built ## build the SvelteKit example (npm ci from its lock, svelte-check, vite build)
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .
@@ -54,23 +104,25 @@ format: $(STAMP) ## format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-js-test: js-deps ## the browser client's unit tests (Node's own runner)
-	node --test tests/js/
+js-test: js-deps $(SERVED) ## the client package's tests (Node's own runner)
+	@for name in $(CLIENT_FILES); do \
+		cmp -s client/src/$$name streamer/static/$$name || { \
+			echo "streamer/static/$$name differs from client/src/$$name: edit client/src/"; \
+			exit 1; }; \
+	done
+	cd client && npm test --silent
 
-pytest: $(STAMP) browser-deps
+pytest: install browser-deps nginx-deps app
 	$(BIN)/python -m pytest -q
 
 test: lint js-test pytest ## everything: lint, type checks, client tests, the test suite
 
-$(VENV)/.bench-installed: pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]"
-	touch $@
-
-bench: $(VENV)/.bench-installed ## benchmarks into bench/results/ (not in make test); BENCH_ARGS=--quick
+bench: install ## benchmarks into bench/results/ (not in make test); BENCH_ARGS=--quick
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
-soak: $(STAMP) ## the long form of the fault tests
+soak: install ## the long form of the fault tests
 	STREAMER_SOAK=1 $(BIN)/python -m pytest -q -m soak tests/
 
-clean: ## remove the venv, caches and the embedded database
-	rm -rf $(VENV) .streamer .mypy_cache .ruff_cache .pytest_cache
+clean: ## remove the venvs, caches, the app's build and the embedded database
+	rm -rf $(VENV) $(UV_HOME) .streamer .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(APP)/node_modules $(APP)/build $(APP)/.svelte-kit

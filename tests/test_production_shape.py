@@ -1,0 +1,274 @@
+"""The production shape in a real browser: Chromium over HTTP/2 to nginx (deploy/nginx.conf),
+which sends /api/ to two streamer nodes and the pages to the SvelteKit app, each a process
+of its own (examples/stack.py, as `make example` runs them), on a real Postgres.
+
+Eight tabs of one user stream through one HTTP/2 connection (over HTTP/1.1 the seventh
+would wait for a free connection). One node is SIGKILLed while they are open: the tabs it
+served come back through the other node with what was written meanwhile, and every tab
+ends with exactly the database's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from examples.stack import Ports, Stack
+from tests.conftest import SECRET, insert_file, token_for
+from tests.scrape import eventually, scrape
+from tests.test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TABS = 8
+WAIT = 20.0  # seconds for every tab to show a change; it normally takes well under one
+BROWSER_FLAGS = (
+    *CHROMIUM_FLAGS,
+    "--ignore-certificate-errors",  # the stack's own self-signed certificate
+    # Tabs in the background keep their timers and rendering, as a user's open tabs do.
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
+    "--disable-renderer-backgrounding",
+)
+# Each row as the files page shows it: its data attributes and name.
+READ_ROWS = """
+return Object.fromEntries([...document.querySelectorAll('#files [data-file-id]')].map(
+  (row) => [row.dataset.fileId, {status: row.dataset.status, progress: row.dataset.progress,
+   version: row.dataset.version, name: row.querySelector('.file-name').textContent}]))
+"""
+READ_CONNECTION = "return document.querySelector('#connection')?.dataset.status ?? null"
+
+
+@pytest.fixture
+async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(
+        tmp_path / "stack",
+        database_url,
+        SECRET,
+        Ports.free(),
+        # The browser's own reconnect delay: quick, for a quick test.
+        node_env={"STREAMER_RETRY_MS": "300", "STREAMER_LOG_LEVEL": "warning"},
+    )
+    await asyncio.to_thread(stack.start)
+    try:
+        yield stack
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+@pytest.fixture
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} not found: run `make browser-deps`", pytrace=False)
+    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium fetch a browser of its own
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in BROWSER_FLAGS:
+        options.add_argument(flag)
+    profile = tempfile.TemporaryDirectory(prefix="streamer-chromium-")
+    options.add_argument(f"--user-data-dir={profile.name}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(
+        service=DriverService(executable_path=str(CHROMEDRIVER)), options=options
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        profile.cleanup()
+
+
+class Tabs:
+    """The browser's tabs of one signed-in user, read through the pages' data attributes."""
+
+    def __init__(self, driver: Any, stack: Stack) -> None:
+        self.driver = driver
+        self.stack = stack
+
+    def sign_in(self, token: str) -> None:
+        """The development sign-in link: it keeps the token in a cookie, lands on /files."""
+        self.driver.get(f"{self.stack.url}/signin?token={token}")
+        assert self.driver.current_url == f"{self.stack.url}/files"
+
+    def protocol(self) -> str:
+        protocol: str = self.driver.execute_script(
+            "return performance.getEntriesByType('navigation')[0].nextHopProtocol"
+        )
+        return protocol
+
+    def open(self, path: str, count: int) -> None:
+        for _ in range(count):
+            self.driver.switch_to.new_window("tab")
+            self.driver.get(self.stack.url + path)
+
+    def each(self, script: str) -> list[Any]:
+        """`script`'s value in every tab."""
+        values = []
+        for handle in self.driver.window_handles:
+            self.driver.switch_to.window(handle)
+            values.append(self.driver.execute_script(script))
+        return values
+
+    def wait(self, condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            time.sleep(0.05)
+
+    def all_show(self, expected: dict[str, dict[str, str]], what: str) -> None:
+        """Wait until every tab is live and shows exactly these rows."""
+        seen: list[Any] = []
+
+        def every_tab_matches() -> bool:
+            nonlocal seen
+            seen = list(zip(self.each(READ_CONNECTION), self.each(READ_ROWS), strict=True))
+            return all(status == "live" and rows == expected for status, rows in seen)
+
+        try:
+            self.wait(every_tab_matches, what)
+        except AssertionError as exc:
+            differ = [(i, s, rows) for i, (s, rows) in enumerate(seen) if rows != expected]
+            raise AssertionError(f"{exc}: the database has {expected}; tabs: {differ}") from None
+
+    def screenshot(self, name: str) -> None:
+        """Once transitions and bars have settled: the page as a user looks at it."""
+        self.wait(
+            lambda: self.driver.execute_script(
+                "return document.getAnimations().every((a) => a.playState !== 'running'"
+                " || a.effect.getComputedTiming().iterations === Infinity)"
+            ),
+            "animations to settle",
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert self.driver.save_screenshot(str(ARTIFACTS / name))
+
+    def problems(self) -> list[Any]:
+        """Console errors, but the failed reconnects to a node that is gone."""
+        entries = self.driver.get_log("browser")
+        return [e for e in entries if e["level"] == "SEVERE" and "/api/" not in e["message"]]
+
+
+async def database_rows(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, dict[str, str]]:
+    """What every tab should show: the user's rows as the database has them now."""
+    rows = await db.fetch(
+        "select id, status, progress, version, filename from files where user_id = $1", user
+    )
+    return {
+        str(row["id"]): {
+            "status": row["status"],
+            "progress": str(row["progress"]),
+            "version": str(row["version"]),
+            "name": row["filename"],
+        }
+        for row in rows
+    }
+
+
+async def streams_open(stack: Stack, session: aiohttp.ClientSession, node: int) -> float:
+    """Streams a node holds, from its own /metrics (not public through nginx)."""
+    return (await scrape(session, stack.node_url(node) + "/metrics"))["streamer_streams_open"]
+
+
+async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_under_them(
+    stack: Stack, browser: Any, db: asyncpg.Connection
+) -> None:
+    user = uuid.uuid4()
+    for name in ("invoice-7.pdf", "holiday.mov", "team-photo.jpg"):
+        await insert_file(db, user, name)
+    await insert_file(db, uuid.uuid4(), "someone-elses.pdf")
+    tabs = Tabs(browser, stack)
+    tabs.sign_in(token_for(user))
+    assert tabs.protocol() == "h2"
+    tabs.open("/files", TABS - 1)
+    tabs.all_show(await database_rows(db, user), f"{TABS} tabs to show the user's files")
+
+    # No stickiness: the eight streams are spread over both nodes.
+    async with aiohttp.ClientSession() as session:
+        held = [await streams_open(stack, session, node) for node in (0, 1)]
+        assert sum(held) == TABS and all(held), held
+
+        await insert_file(db, user, "new-row.csv", file_type="text/csv")
+        tabs.all_show(await database_rows(db, user), "a new row in every tab")
+
+        # A node dies under its open streams; the writer carries on meanwhile.
+        stack.kill_node(0)
+        await insert_file(db, user, "while-a-node-died.zip", file_type="application/zip")
+        await db.execute(
+            "update files set status = 'processing', progress = 35,"
+            " processing_stage = 'transcoding' where user_id = $1 and filename = 'holiday.mov'",
+            user,
+        )
+        await db.execute(
+            "delete from files where user_id = $1 and filename = 'invoice-7.pdf'", user
+        )
+        tabs.all_show(await database_rows(db, user), "what was written as the node died")
+
+        # Every stream now goes through the node that is left, and stays live there.
+        async def all_on_the_other_node() -> bool:
+            return await streams_open(stack, session, 1) == TABS
+
+        await eventually(all_on_the_other_node, timeout=WAIT)
+        await db.execute(
+            "update files set status = 'ready', progress = 100, processing_stage = null"
+            " where user_id = $1 and filename = 'holiday.mov'",
+            user,
+        )
+        tabs.all_show(await database_rows(db, user), "a change after the node died")
+    assert tabs.problems() == []
+    tabs.screenshot("production-files.png")
+
+
+async def test_a_files_page_follows_one_file_until_it_is_ready(
+    stack: Stack, browser: Any, db: asyncpg.Connection
+) -> None:
+    user = uuid.uuid4()
+    file_id = await insert_file(db, user, "product-demo.mov", file_type="video/quicktime")
+    tabs = Tabs(browser, stack)
+    tabs.sign_in(token_for(user))
+    browser.get(f"{stack.url}/files/{file_id}")
+
+    def page_shows(status: str, progress: int, connection: str) -> Callable[[], bool]:
+        def check() -> bool:
+            state = browser.execute_script(
+                "const file = document.querySelector('article[data-file-id]');"
+                "return [file?.dataset.status, file?.dataset.progress,"
+                " document.querySelector('#connection').dataset.status]"
+            )
+            return bool(state == [status, str(progress), connection])
+
+        return check
+
+    tabs.wait(page_shows("pending", 0, "live"), "the file, queued")
+    await db.execute(
+        "update files set status = 'processing', progress = 40, processing_stage = 'scanning'"
+        " where id = $1",
+        file_id,
+    )
+    tabs.wait(page_shows("processing", 40, "live"), "its progress")
+    await db.execute(
+        "update files set status = 'ready', progress = 100, processing_stage = null"
+        " where id = $1",
+        file_id,
+    )
+    # The server ends the stream after the ready update; the page stops following.
+    tabs.wait(page_shows("ready", 100, "closed"), "the file ready, and the stream ended")
+    activity = browser.execute_script(
+        "return [...document.querySelectorAll('.activity li')].map((li) => li.dataset.status)"
+    )
+    assert activity == ["pending", "processing", "ready"]
+    assert tabs.problems() == []
+    tabs.screenshot("production-file.png")

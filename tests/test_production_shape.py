@@ -260,8 +260,7 @@ async def test_a_files_page_follows_one_file_until_it_is_ready(
     )
     tabs.wait(page_shows("processing", 40, "live"), "its progress")
     await db.execute(
-        "update files set status = 'ready', progress = 100, processing_stage = null"
-        " where id = $1",
+        "update files set status = 'ready', progress = 100, processing_stage = null where id = $1",
         file_id,
     )
     # The server ends the stream after the ready update; the page stops following.

@@ -47,9 +47,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-        change = json.loads(payload)
-        if change["u"] == user and change["o"] == "u" and "r" in change:
-            queue.put_nowait(change["r"])
+        envelope, _, row = payload[64:].partition("\n")  # after the feed's signature
+        change = json.loads(envelope)
+        if change["u"] == user and change["o"] == "u" and row:
+            queue.put_nowait(json.loads(row))
 
     try:
         await conn.add_listener(CHANNEL, notified)

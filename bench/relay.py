@@ -42,11 +42,13 @@ class Relay:
         self.streams: dict[str, set[asyncio.StreamWriter]] = {}
 
     def notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        change = json.loads(payload)
+        # The feed's payload: a signature (not checked here), the envelope, the row's JSON.
+        envelope, _, row = payload[64:].partition("\n")
+        change = json.loads(envelope)
         writers = self.streams.get(change["u"])
-        if not writers or change["o"] != "u" or "r" not in change:
+        if not writers or change["o"] != "u" or not row:
             return
-        body = json.dumps({"eventType": "file-update", "file": change["r"]})
+        body = '{"eventType":"file-update","file":' + row + "}"
         data = chunk(f"event: file-update\ndata: {body}\n\n".encode())
         for writer in writers:
             writer.write(data)

@@ -111,7 +111,8 @@ class Database:
 
 
 async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    # Rows are rendered as JSON by Postgres in the session's time zone: UTC on the wire.
     pool: asyncpg.Pool = await asyncpg.create_pool(
-        dsn, min_size=1, max_size=size, command_timeout=30
+        dsn, min_size=1, max_size=size, command_timeout=30, server_settings={"TimeZone": "UTC"}
     )
     return pool

@@ -23,7 +23,17 @@ from collections import deque
 
 from pydantic import ValidationError
 
-from streamer.feed import Feed, Feeds, Forged, Notification, Reads, Row, Snapshot, decode
+from streamer.feed import (
+    CatchUp,
+    Feed,
+    Feeds,
+    Forged,
+    Notification,
+    Reads,
+    Row,
+    Snapshot,
+    decode,
+)
 from streamer.hub import Hub, Key
 from streamer.metrics import Metrics
 from streamer.sources import CONNECTION_ERRORS, Source
@@ -102,7 +112,7 @@ class Dispatcher:
 
     async def _recover(self) -> tuple[Snapshot, frozenset[Key]]:
         """Catch every open stream up on what it missed while the source was down, in one
-        snapshot for every feed.
+        snapshot for every feed, a batch at a time.
 
         Streams may open while this reads: they are not caught up, so the changes this read
         saw must still reach them (see `_dispatch_ready`)."""
@@ -113,11 +123,15 @@ class Dispatcher:
             for name, feed_owners in owners.items()
             if (feed := self.feeds.get(name)) is not None
         ]
-        snapshot, results = await self.reads.changes(served, self.hub.watermark)
-        for (feed, _), result in zip(served, results, strict=True):
-            self.hub.dispatch_catch_up(feed, result)
+        caught = 0
+
+        def deliver(feed: Feed, part: CatchUp) -> None:
+            nonlocal caught
+            caught += len(part.items)
+            self.hub.dispatch_catch_up(feed, part)
+
+        snapshot = await self.reads.changes(served, self.hub.watermark, deliver)
         if served:
-            caught = sum(len(result.rows) + len(result.gone) for result in results)
             log.info("recovered; %d rows caught up", caught)
         return snapshot, frozenset((name, owner) for name, os in owners.items() for owner in os)
 

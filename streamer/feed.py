@@ -16,9 +16,9 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 import asyncpg
@@ -37,6 +37,7 @@ BIGINT_MAX = 2**63 - 1
 # A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS.
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
+BATCH = 1000  # rows a snapshot or catch-up reads (and writes) at a time
 
 
 MAX_TEXT_ID = 1024  # characters of a text id in a URL
@@ -52,6 +53,7 @@ class Feed:
     terminal: str | None = None  # an SQL expression over the row: ends a one-row stream
     id_type: Literal["uuid", "bigint", "text"] = "uuid"
     owner_type: Literal["uuid", "text"] = "uuid"
+    relation: str = '"files"'  # the table, schema-qualified when it is outside search_path
 
     @classmethod
     def of(cls, record: asyncpg.Record) -> Feed:
@@ -62,6 +64,7 @@ class Feed:
             terminal=record["terminal"],
             id_type=record["id_type"],
             owner_type=record["owner_type"],
+            relation=record["relation"],
         )
 
     def parse_id(self, raw: str) -> str:
@@ -72,7 +75,8 @@ class Feed:
             except ValueError:
                 raise InvalidId() from None
         if self.id_type == "bigint":
-            if raw.isascii() and raw.lstrip("-").isdigit() and len(raw) <= 20:
+            # One optional minus sign: "--5" is no integer (and int() would raise).
+            if raw.isascii() and raw.removeprefix("-").isdigit() and len(raw) <= 20:
                 value = int(raw)
                 if -BIGINT_MAX - 1 <= value <= BIGINT_MAX:
                     return str(value)
@@ -81,15 +85,20 @@ class Feed:
             raise InvalidId(f"The id must be 1 to {MAX_TEXT_ID} characters.")
         return raw
 
-    def update_frame(self, row: Row, cursor: str) -> bytes:
-        return row_frame(f"{self.event}-update".encode(), self.event.encode(), row.json, cursor)
+    def update_frame(self, row: Row, cursor: str, timestamp: bytes | None = None) -> bytes:
+        name = f"{self.event}-update".encode()
+        return row_frame(name, self.event.encode(), row.json, cursor, timestamp)
 
-    def deleted_frame(self, row_id: str, cursor: str) -> bytes:
+    def deleted_frame(self, row_id: str, cursor: str, timestamp: bytes | None = None) -> bytes:
         """`{"id": ...}` with the id as Postgres renders it in JSON: a number for bigints."""
         value = row_id if self.id_type == "bigint" else json.dumps(row_id)
-        return row_frame(
-            f"{self.event}-deleted".encode(), self.event.encode(), '{"id":' + value + "}", cursor
-        )
+        name = f"{self.event}-deleted".encode()
+        return row_frame(name, self.event.encode(), '{"id":' + value + "}", cursor, timestamp)
+
+    def frame(self, item: Row | Gone, cursor: str, timestamp: bytes | None = None) -> bytes:
+        if isinstance(item, Gone):
+            return self.deleted_frame(item.id, cursor, timestamp)
+        return self.update_frame(item, cursor, timestamp)
 
     @property
     def terminal_sql(self) -> str:
@@ -100,8 +109,22 @@ class Feed:
         return (
             f'select streamer."{self.name}_row"(r) as row, r."{self.owner_column}"::text as owner,'
             f" r.id::text as id, r.version, {self.terminal_sql} as terminal"
-            f' from "{self.name}" r where {where}'
+            f" from {self.relation} r where {where}"
         )
+
+    def since(self, tombstones: bool) -> str:
+        """Rows of owners $1 at versions >= $2 in version order and, with `tombstones`, the
+        deletes among them, except of a row that is back (then its row says it all)."""
+        rows = self.select(f"{self.owner_in('$1')} and r.version >= $2")
+        if not tombstones:
+            return rows + " order by version"
+        gone = (
+            "select null, t.owner_id, t.row_id, t.version, false from streamer.tombstones t"
+            " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2"
+            f" and not exists (select from {self.relation} back where back.id::text = t.row_id"
+            f' and back."{self.owner_column}"::text = t.owner_id)'
+        )
+        return f"{rows} union all {gone} order by version"
 
     def owner_in(self, param: str) -> str:
         """The owner column among `param` (a text[]), compared in the column's own type so
@@ -246,24 +269,29 @@ class Reads:
 
     async def feeds(self) -> dict[str, Feed]:
         records = await self.pool.fetch(
-            "select name, owner_column, event, terminal, id_type, owner_type from streamer.feeds"
+            "select name, owner_column, event, terminal, id_type, owner_type, tbl::text as relation"
+            " from streamer.feeds"
         )
         return {record["name"]: Feed.of(record) for record in records}
 
     async def changes(
-        self, owners: list[tuple[Feed, list[str]]], since: int
-    ) -> tuple[Snapshot, list[CatchUp]]:
-        """What changed since `since` for these owners of these feeds, in one snapshot."""
+        self,
+        owners: list[tuple[Feed, list[str]]],
+        since: int,
+        deliver: Callable[[Feed, CatchUp], None],
+    ) -> Snapshot:
+        """What changed since `since` for these owners of these feeds, in one snapshot,
+        handed to `deliver` a batch at a time."""
         async with (
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = await current_snapshot(conn)
-            results = [
-                await changes_since(conn, feed, feed_owners, since, snapshot)
-                for feed, feed_owners in owners
-            ]
-        return snapshot, results
+            for feed, feed_owners in owners:
+                read = await reading(conn, feed, feed_owners, since, snapshot)
+                async for part in read.batches():
+                    deliver(feed, part)
+        return snapshot
 
     async def row(self, feed: Feed, row_id: str) -> Row | None:
         return await fetch_row(self.pool, feed, row_id)
@@ -321,43 +349,49 @@ class Gone:
 
 @dataclass(frozen=True, slots=True)
 class CatchUp:
-    """Where owners' rows stand in one snapshot: rows changed (and gone) since a cursor."""
+    """Where owners' rows stand in one snapshot: rows changed (and gone) since a cursor, in
+    version order; one batch of them."""
 
     snapshot: Snapshot
-    reset: bool  # the cursor could not be honoured: `rows` is everything, `gone` is empty
-    rows: list[Row]
-    gone: list[Gone]
-
-    def in_order(self) -> list[Row | Gone]:
-        """Deletes and updates merged by version, skipping a tombstone of a row now back."""
-        present = {(row.owner, row.id) for row in self.rows}
-        items: list[Row | Gone] = [g for g in self.gone if (g.owner, g.id) not in present]
-        items.extend(self.rows)
-        items.sort(key=lambda item: item.version)
-        return items
+    reset: bool  # the cursor could not be honoured: `items` are rows, from the start
+    items: list[Row | Gone]
 
 
 async def current_snapshot(conn: asyncpg.Connection) -> Snapshot:
     return Snapshot.parse(await conn.fetchval("select pg_current_snapshot()::text"))
 
 
-async def catch_up(
-    conn: asyncpg.Connection, feed: Feed, owners: Sequence[str], since: int | None
-) -> CatchUp:
-    """Rows of `owners` changed by transactions with id >= `since` (all rows when None),
-    in a snapshot of its own."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        return await changes_since(conn, feed, owners, since, await current_snapshot(conn))
+class Reading:
+    """A catch-up (or snapshot) being read from a server-side cursor, one batch at a time,
+    inside its snapshot's transaction: what a stream holds grows with one batch, not with
+    the owner's rows."""
+
+    def __init__(self, snapshot: Snapshot, reset: bool, cursor: Any, batch: int) -> None:
+        self.snapshot = snapshot
+        self.reset = reset
+        self._cursor = cursor
+        self._batch = batch
+
+    async def batches(self) -> AsyncIterator[CatchUp]:
+        while records := await self._cursor.fetch(self._batch):
+            items: list[Row | Gone] = [
+                Gone(r["owner"], r["id"], r["version"]) if r["row"] is None else Row.of(r)
+                for r in records
+            ]
+            yield CatchUp(self.snapshot, self.reset, items)
 
 
-async def changes_since(
+async def reading(
     conn: asyncpg.Connection,
     feed: Feed,
     owners: Sequence[str],
     since: int | None,
     snapshot: Snapshot,
-) -> CatchUp:
-    """`catch_up` inside a REPEATABLE READ transaction whose snapshot is `snapshot`."""
+    batch: int = BATCH,
+) -> Reading:
+    """What changed for `owners` since the horizon `since` (everything when None, or when
+    `since` cannot be honoured: then `reset`). Inside a REPEATABLE READ transaction whose
+    snapshot is `snapshot`."""
     reset = False
     if since is not None:
         pruned_below = await conn.fetchval(
@@ -368,20 +402,34 @@ async def changes_since(
         if since * VERSION_SCALE < (pruned_below or 0) or since > snapshot.xmax:
             reset, since = True, None
     floor = 0 if since is None else since * VERSION_SCALE
-    records = await conn.fetch(
-        feed.select(f"{feed.owner_in('$1')} and r.version >= $2"), list(owners), floor
-    )
-    gone: list[Gone] = []
+    args: list[object] = [list(owners), floor]
     if since is not None:
-        tombstones = await conn.fetch(
-            "select owner_id, row_id, version from streamer.tombstones "
-            "where feed = $1 and owner_id = any($2::text[]) and version >= $3",
-            feed.name,
-            list(owners),
-            floor,
-        )
-        gone = [Gone(t["owner_id"], t["row_id"], t["version"]) for t in tombstones]
-    return CatchUp(snapshot, reset, [Row.of(r) for r in records], gone)
+        args.append(feed.name)
+    cursor = await conn.cursor(feed.since(tombstones=since is not None), *args)
+    return Reading(snapshot, reset, cursor, batch)
+
+
+@contextlib.asynccontextmanager
+async def read_since(
+    conn: asyncpg.Connection,
+    feed: Feed,
+    owners: Sequence[str],
+    since: int | None,
+    batch: int = BATCH,
+) -> AsyncIterator[Reading]:
+    """`reading` in a snapshot of its own."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        snapshot = await current_snapshot(conn)
+        yield await reading(conn, feed, owners, since, snapshot, batch)
+
+
+async def catch_up(
+    conn: asyncpg.Connection, feed: Feed, owners: Sequence[str], since: int | None
+) -> CatchUp:
+    """All of `read_since` at once (for small reads and tests)."""
+    async with read_since(conn, feed, owners, since) as read:
+        items = [item async for part in read.batches() for item in part.items]
+        return CatchUp(read.snapshot, read.reset, items)
 
 
 async def fetch_row(conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, row_id: str) -> Row | None:

@@ -376,7 +376,7 @@ class Hub:
             self.close_all("reset", feed.name)
             return
         cursor, read_in = self.cursor, result.snapshot
-        for item in result.in_order():
+        for item in result.items:
             key = (feed.name, item.owner)
             if isinstance(item, Gone):
                 self._publish(key, self._gone(feed, item.id, None, read_in))

@@ -61,10 +61,16 @@ def frame(event: Event, cursor: str | None = None) -> bytes:
     return head.encode() + b"data: " + event.model_dump_json().encode() + b"\n\n"
 
 
-def row_frame(name: bytes, key: bytes, value: str, cursor: str) -> bytes:
+def timestamp_now() -> bytes:
+    return _iso(now()).encode()
+
+
+def row_frame(
+    name: bytes, key: bytes, value: str, cursor: str, timestamp: bytes | None = None
+) -> bytes:
     """A row's event (`file-update`, `file-deleted`): `value` is JSON as Postgres rendered
     it, spliced in as it is. Postgres escapes newlines in JSON, so it stays one line."""
-    timestamp = _iso(now()).encode()
+    timestamp = timestamp or timestamp_now()
     return b'event: %b\nid: %b\ndata: {"eventType":"%b","timestamp":"%b","%b":%b}\n\n' % (
         name,
         cursor.encode(),

@@ -16,16 +16,7 @@ from aiohttp import HttpVersion11, web
 from streamer import keys
 from streamer.auth import Principal
 from streamer.errors import InvalidParameter, NotFound, Unavailable
-from streamer.feed import (
-    CatchUp,
-    Feed,
-    Gone,
-    Row,
-    Snapshot,
-    catch_up,
-    current_snapshot,
-    parse_cursor,
-)
+from streamer.feed import Feed, Row, Snapshot, current_snapshot, parse_cursor, read_since
 from streamer.hub import Subscriber, envelope
 from streamer.sse import (
     ResetEvent,
@@ -35,6 +26,7 @@ from streamer.sse import (
     frame,
     now,
     retry_frame,
+    timestamp_now,
 )
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
@@ -108,25 +100,41 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> str:
     return await sub.ended
 
 
-async def _read_since(
-    request: web.Request, feed: Feed, owner: str, since: int | None, reset: bool
-) -> tuple[CatchUp, bytes]:
-    """The caller's catch-up (or snapshot) and its events, encoded. A function of its own so
-    the rows and bytes are freed once written, not held for the stream's whole life."""
+async def _write_since(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    feed: Feed,
+    owner: str,
+    since: int | None,
+    reset: bool,
+) -> tuple[web.StreamResponse, Snapshot]:
+    """Write the caller's catch-up (or snapshot) as it is read, a batch at a time from a
+    server-side cursor in the read's own snapshot: each batch is written and drained before
+    the next is fetched, so the client's pace sets the reader's, and what the stream holds
+    is one batch however many rows the caller has. Opens the response once the first batch
+    is in (a database that cannot be read is a 503 then, not a broken stream)."""
     try:
-        async with request.app[keys.POOL].acquire() as conn:
-            result = await catch_up(conn, feed, [owner], since)
+        async with (
+            request.app[keys.POOL].acquire() as conn,
+            read_since(conn, feed, [owner], since) as read,
+        ):
+            resumed = since is not None and not read.reset
+            cursor = str(since) if resumed else SNAPSHOT_CURSOR
+            batches = read.batches()
+            part = await anext(batches, None)
+            if response is None:
+                response = await _open(request)
+            if reset or read.reset:
+                await response.write(frame(ResetEvent(timestamp=now())))
+            while part is not None:
+                stamp = timestamp_now()
+                await response.write(b"".join(feed.frame(i, cursor, stamp) for i in part.items))
+                part = await anext(batches, None)
+            return response, read.snapshot
     except DB_ERRORS as exc:
-        raise Unavailable("The database is not reachable; retry shortly.") from exc
-    resumed = since is not None and not result.reset
-    cursor = str(since) if resumed else SNAPSHOT_CURSOR
-    chunks = [frame(ResetEvent(timestamp=now()))] if reset or result.reset else []
-    for item in result.in_order():
-        if isinstance(item, Gone):
-            chunks.append(feed.deleted_frame(item.id, cursor))
-        else:
-            chunks.append(feed.update_frame(item, cursor))
-    return result, b"".join(chunks)
+        if response is None or not response.prepared:
+            raise Unavailable("The database is not reachable; retry shortly.") from exc
+        raise ConnectionResetError("the database went away during a catch-up") from exc
 
 
 async def feed_events(request: web.Request) -> web.StreamResponse:
@@ -145,18 +153,15 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
         expiry = _expire_at(sub, principal.expires_at)
         try:
             if since is not None or snapshot or truncated:
-                result, caught_up = await _read_since(request, feed, owner, since, truncated)
-                seen = result.snapshot
-                del result
+                response, seen = await _write_since(
+                    request, response, feed, owner, since, truncated
+                )
             else:
                 # Nothing to read: the stream is live from its subscription on, and
                 # everything not yet dispatched is at or above the hub's watermark.
-                seen, caught_up = NOTHING_SEEN, b""
-            if response is None:
-                response = await _open(request)
-            if caught_up:
-                await response.write(caught_up)
-                del caught_up
+                seen = NOTHING_SEEN
+                if response is None:
+                    response = await _open(request)
             synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
             await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
             if await _live(request, sub, seen) != "truncated":

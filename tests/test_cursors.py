@@ -4,21 +4,16 @@ a stream going live, the watermark following the database, ids and cursors. No d
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 
 from streamer.errors import InvalidCursor, InvalidId
-from streamer.feed import FILES, CatchUp, Feed, Gone, Row, Snapshot, parse_cursor
+from streamer.feed import FILES, Feed, Snapshot, parse_cursor
 from streamer.hub import Hub, envelope
 from streamer.metrics import Metrics
 from streamer.sse import Sink
 
 ALICE = "a0000000-0000-0000-0000-00000000000a"
-
-
-def row(row_id: str, version: int, owner: str = ALICE) -> Row:
-    return Row(owner, row_id, version, json.dumps({"id": row_id, "version": version}), False)
 
 
 def hub() -> Hub:
@@ -38,29 +33,6 @@ def test_a_later_snapshot_covers_an_earlier_one_but_not_the_other_way_round() ->
     assert later.covers(earlier)
     assert not earlier.covers(later)
     assert not Snapshot.parse("100:107:101,102,103").covers(earlier)  # earlier saw 102
-
-
-# -- catch-up order ------------------------------------------------------------------------
-
-
-def test_a_catch_up_is_in_version_order_with_deletes_merged_in() -> None:
-    result = CatchUp(
-        Snapshot(1, 1, frozenset()),
-        False,
-        [row("b", 30), row("a", 10)],
-        [Gone(ALICE, "c", 20)],
-    )
-    assert [(type(i).__name__, i.id) for i in result.in_order()] == [
-        ("Row", "a"),
-        ("Gone", "c"),
-        ("Row", "b"),
-    ]
-
-
-def test_a_tombstone_of_a_row_that_is_back_is_not_sent() -> None:
-    result = CatchUp(Snapshot(1, 1, frozenset()), False, [row("a", 50)], [Gone(ALICE, "a", 40)])
-    assert [i.id for i in result.in_order()] == ["a"]
-    assert isinstance(result.in_order()[0], Row)
 
 
 # -- going live ---------------------------------------------------------------------------

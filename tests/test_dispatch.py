@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from streamer.dispatch import MARKER, Dispatcher
-from streamer.feed import FILES, CatchUp, Feed, Feeds, Row, Snapshot
+from streamer.feed import FILES, CatchUp, Feed, Feeds, Gone, Row, Snapshot
 from streamer.hub import Hub, Subscriber
 from streamer.metrics import Metrics
 from streamer.sse import Sink
@@ -103,13 +103,15 @@ class MemoryReads:
         return {"files": FILES}
 
     async def changes(
-        self, owners: list[tuple[Feed, list[str]]], since: int
-    ) -> tuple[Snapshot, list[CatchUp]]:
-        results = []
-        for _feed, feed_owners in owners:
-            rows = [row for row in self.caught_up if row.owner in feed_owners]
-            results.append(CatchUp(self.snapshot, False, rows, []))
-        return self.snapshot, results
+        self,
+        owners: list[tuple[Feed, list[str]]],
+        since: int,
+        deliver: Callable[[Feed, CatchUp], None],
+    ) -> Snapshot:
+        for feed, feed_owners in owners:
+            rows: list[Row | Gone] = [r for r in self.caught_up if r.owner in feed_owners]
+            deliver(feed, CatchUp(self.snapshot, False, rows))
+        return self.snapshot
 
     async def row(self, feed: Feed, row_id: str) -> Row | None:
         self.reading_row.set()

@@ -4,6 +4,7 @@ is gone."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
@@ -276,14 +277,16 @@ async def test_a_snapshot_has_no_gap_or_reordering_against_updates_committed_mea
     file_id = await insert_file(db, user, status="processing", progress=1)
     reading = asyncio.Event()
     go_on = asyncio.Event()
-    real_catch_up = feed.catch_up
+    real_read_since = feed.read_since
 
-    async def held_catch_up(*args, **kwargs):
+    @contextlib.asynccontextmanager
+    async def held_read_since(*args, **kwargs):
         reading.set()
         await go_on.wait()
-        return await real_catch_up(*args, **kwargs)
+        async with real_read_since(*args, **kwargs) as read:
+            yield read
 
-    monkeypatch.setattr(streams, "catch_up", held_catch_up)
+    monkeypatch.setattr(streams, "read_since", held_read_since)
     synced: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
 
     async def follow() -> list[Event]:

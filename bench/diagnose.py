@@ -145,10 +145,10 @@ _NO_TERMINAL = (
     "",
 )
 _NO_SIGNATURE = (
-    "encode(sha256(k.opad || sha256(k.ipad || convert_to(body, 'UTF8'))), 'hex') || body",
+    "encode(sha256(streamer.signing_opad() || sha256(streamer.signing_ipad() || "
+    "convert_to(body, 'UTF8'))), 'hex') || body",
     "body",
 )
-_NO_KEY_QUERY = ("select s.ipad, s.opad into k from streamer.signing_key s;", "")
 _ROW_TO_JSON = ("((j - 'user_id'))::text", "row_to_json(new)::text")
 
 
@@ -170,7 +170,7 @@ VARIANTS: dict[str, Variant] = {
     "feed, no SET clauses": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH)),
     "feed, invoker, no SET": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH, _NO_DEFINER)),
     "feed, no terminal": Variant(None, edits=(_NO_TERMINAL,)),
-    "feed, unsigned": Variant(None, edits=(_NO_SIGNATURE, _NO_KEY_QUERY)),
+    "feed, unsigned": Variant(None, edits=(_NO_SIGNATURE,)),
     "feed, row_to_json": Variant(None, edits=(_ROW_TO_JSON,)),
 }
 

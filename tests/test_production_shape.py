@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -23,7 +24,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from examples.stack import Ports, Stack
+from examples.stack import ROOT, SITE, Ports, Stack
 from tests.conftest import SECRET, insert_file, token_for
 from tests.scrape import eventually, scrape
 from tests.test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
@@ -285,3 +286,21 @@ async def test_a_files_page_follows_one_file_until_it_is_ready(
     assert activity == ["pending", "processing", "ready"]
     assert tabs.problems() == []
     tabs.screenshot("production-file.png")
+
+
+def test_the_readme_shows_deploy_nginx_conf_as_it_is() -> None:
+    """The README's nginx lines are deploy/nginx.conf's, in its order: what the README shows
+    is what the test above runs."""
+    readme = (ROOT / "README.md").read_text()
+    shown = [
+        line.strip()
+        for block in re.findall(r"```nginx\n(.*?)```", readme, flags=re.DOTALL)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert shown, "the README shows no nginx configuration"
+    site = [line.strip() for line in SITE.read_text().splitlines()]
+    at = 0
+    for line in shown:
+        assert line in site[at:], f"the README's {line!r} is not in {SITE} (in this order)"
+        at = site.index(line, at) + 1

@@ -78,19 +78,17 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        https, node_a, node_b, app = (free_port() for _ in range(4))
+        """Four ports nothing listens on now, all different (held open together)."""
+        with contextlib.ExitStack() as held:
+            sockets = [held.enter_context(socket.socket()) for _ in range(4)]
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            https, node_a, node_b, app = (s.getsockname()[1] for s in sockets)
         return cls(https, (node_a, node_b), app)
 
     @property
     def all(self) -> tuple[int, ...]:
         return (self.https, *self.nodes, self.app)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def port_is_taken(port: int) -> bool:

@@ -90,7 +90,10 @@ begin
     execute format('drop function if exists streamer.%I(%s)', feed_name || '_row', tbl);
     delete from streamer.feeds f where f.name = feed_name;
     delete from streamer.tombstones t where t.feed = feed_name;
-    delete from streamer.horizon h where h.feed = feed_name;
+    -- Changes made while the feed is off leave no trace (no version, no tombstone): should
+    -- it come back, a cursor from before now gets a reset, never a silent gap.
+    update streamer.horizon h set pruned_below = greatest(h.pruned_below, (txid_current() + 1) * 1024)
+    where h.feed = feed_name;
     -- The service drops the feed on this signal, or within seconds when it polls.
     perform pg_notify('streamer', '');
 end
@@ -116,6 +119,8 @@ declare
     missing text;
     row_json text;  -- the row as sent, an expression over __row__, the row's to_jsonb
     is_terminal text;
+    declared text;  -- the terminal's variables, for checking it
+    caller_path text := current_setting('search_path');
     signed text := 'encode(sha256(streamer.signing_opad() || sha256(streamer.signing_ipad() || convert_to(body, ''UTF8''))), ''hex'')';
 begin
     if feed_name !~ '^[a-z_][a-z0-9_]*$' then
@@ -174,17 +179,31 @@ begin
         row_json := format('(__row__ - %L)', owner_column);
     end if;
     if terminal is not null then
-        -- Compiled here, so a mistake is an error now and not in a writer's statement.
-        execute format('select (%s)::boolean from %s where false', terminal, tbl);
         -- The expression names columns bare: in the trigger they become variables of an
         -- inner block, so it is evaluated as a plain expression (a subquery over `new`
         -- would cost every writer a trip through the executor).
         select string_agg(format('%I %s := new.%I;', a.attname,
-                                 format_type(a.atttypid, a.atttypmod), a.attname), ' ')
-        into is_terminal
+                                 format_type(a.atttypid, a.atttypmod), a.attname), ' '),
+            string_agg(format('%I %s;', a.attname, format_type(a.atttypid, a.atttypmod)), ' ')
+        into is_terminal, declared
         from pg_attribute a
         where a.attrelid = tbl and a.attnum > 0 and not a.attisdropped
           and position(a.attname in enable_feed.terminal) > 0;
+        -- Checked here as the trigger evaluates it (those variables, its search_path), so a
+        -- mistake is an error now and not in every writer's statement: a qualified column
+        -- (jobs.status) or a text column cast to boolean compile in a query over the table
+        -- and fail in the trigger.
+        begin
+            perform set_config('search_path', 'pg_catalog, pg_temp', true);
+            execute format('do %L', format(
+                'declare %s begin if pg_typeof((%s)) <> ''boolean''::regtype then '
+                'raise exception ''it is of type %%, not boolean'', pg_typeof((%s)); end if; end',
+                coalesce(declared, ''), terminal, terminal));
+            perform set_config('search_path', caller_path, true);
+        exception when others then
+            raise exception 'streamer: terminal (%) must be a condition over the columns of %: %',
+                terminal, tbl, sqlerrm;
+        end;
         is_terminal := format(
             'declare %s begin streamer_notify.ended := coalesce((%s)::boolean, false); end;',
             coalesce(is_terminal, ''), terminal);
@@ -242,8 +261,13 @@ begin
             body text;
             j jsonb;
         begin
-            if tg_op = 'DELETE' then
-                gone_version := greatest(old.version + 1, xid * 1024);
+            if tg_op = 'DELETE' or new.%3$I is null then
+                -- A row deleted, or left with no owner: gone for its owner, if it had one.
+                if tg_op = 'INSERT' or old.%3$I is null then
+                    return null;
+                end if;
+                gone_version := case tg_op when 'DELETE' then greatest(old.version + 1, xid * 1024)
+                                else new.version end;
                 insert into streamer.tombstones as t (feed, owner_id, row_id, version)
                 values (%2$L, old.%3$I::text, old.id::text, gone_version)
                 on conflict (feed, owner_id, row_id)
@@ -255,7 +279,8 @@ begin
                 body := '{"f":' || %4$L || ',"o":"u","id":' || to_json(new.id) || ',"u":'
                     || to_json(new.%3$I::text) || ',"v":' || new.version || tail
                     || ',"e":' || ended;
-                if tg_op = 'UPDATE' and new.%3$I is distinct from old.%3$I then
+                if tg_op = 'UPDATE' and new.%3$I is distinct from old.%3$I
+                        and old.%3$I is not null then
                     insert into streamer.tombstones as t (feed, owner_id, row_id, version)
                     values (%2$L, old.%3$I::text, old.id::text, new.version)
                     on conflict (feed, owner_id, row_id)

@@ -121,8 +121,11 @@ class Feed:
         gone = (
             "select null, t.owner_id, t.row_id, t.version, false from streamer.tombstones t"
             " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2"
-            f" and not exists (select from {self.relation} back where back.id::text = t.row_id"
-            f' and back."{self.owner_column}"::text = t.owner_id)'
+            # Compared in the columns' own types, so that an index finds the row: compared
+            # as text, a resume with any tombstone scans the whole table.
+            f" and not exists (select from {self.relation} back"
+            f" where back.id = t.row_id::{self.id_type}"
+            f' and back."{self.owner_column}" = t.owner_id::{self.owner_type})'
         )
         return f"{rows} union all {gone} order by version"
 

@@ -193,7 +193,7 @@ async def _read_one(
     except DB_ERRORS as exc:
         raise Unavailable("The database is not reachable; retry shortly.") from exc
     if record is None:
-        raise NotFound()
+        raise NotFound(f"No such {feed.event}.")
     return seen, Row.of(record)
 
 

@@ -112,8 +112,14 @@ js-test: js-deps $(SERVED) ## the client package's tests (Node's own runner)
 	done
 	cd client && npm test --silent
 
+# The suite runs once per change source (STREAMER_SOURCE, tests/conftest.py); the wal pass
+# leaves out the files that never touch one (test_wal_source.py sets up wal by itself).
+SOURCE_FREE := test_auth.py test_dispatch.py test_client_types.py test_migrations.py \
+	test_wal_source.py
+
 pytest: install browser-deps nginx-deps app
 	$(BIN)/python -m pytest -q
+	STREAMER_SOURCE=wal $(BIN)/python -m pytest -q $(addprefix --ignore=tests/,$(SOURCE_FREE))
 
 test: lint js-test pytest ## everything: lint, type checks, client tests, the test suite
 

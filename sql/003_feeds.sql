@@ -18,6 +18,9 @@
 -- * A TRUNCATE deletes rows without row triggers: a statement trigger tells the service,
 --   and raises the feed's horizon past it so a cursor from before it gets a reset.
 -- * Feeds are rows of `streamer.feeds`: a running service reads them to find its routes.
+-- * With STREAMER_SOURCE=wal (`streamer.config`, set by `streamer.use_source` in
+--   004_sources.sql) the triggers write the same signed payload as a transactional logical
+--   message instead of a NOTIFY: no commit-time lock for writers, no size limit.
 
 -- Owners and ids of any feed's table are kept as text (uuid, bigint or text keys).
 alter table streamer.tombstones alter column owner_id type text using owner_id::text;
@@ -62,6 +65,25 @@ begin
 end
 $$;
 
+-- How the triggers send: 'notify', or 'wal' (see 004_sources.sql).
+create table if not exists streamer.config (
+    one    boolean primary key default true check (one),
+    source text not null default 'notify' check (source in ('notify', 'wal'))
+);
+insert into streamer.config default values on conflict do nothing;
+
+-- Tells running services to read streamer.feeds again, the way the triggers send.
+create or replace function streamer.feeds_changed() returns void
+language plpgsql as $$
+begin
+    if (select c.source from streamer.config c) = 'wal' then
+        perform pg_logical_emit_message(true, 'streamer', '');
+    else
+        perform pg_notify('streamer', '');
+    end if;
+end
+$$;
+
 -- The pads as constants for the triggers: IMMUTABLE, so Postgres folds each into a trigger's
 -- cached plan once per session instead of reading the table for every row a writer changes.
 -- Like the table, only this schema's owner may call them.
@@ -95,7 +117,7 @@ begin
     update streamer.horizon h set pruned_below = greatest(h.pruned_below, (txid_current() + 1) * 1024)
     where h.feed = feed_name;
     -- The service drops the feed on this signal, or within seconds when it polls.
-    perform pg_notify('streamer', '');
+    perform streamer.feeds_changed();
 end
 $disable$;
 
@@ -122,6 +144,11 @@ declare
     declared text;  -- the terminal's variables, for checking it
     caller_path text := current_setting('search_path');
     signed text := 'encode(sha256(streamer.signing_opad() || sha256(streamer.signing_ipad() || convert_to(body, ''UTF8''))), ''hex'')';
+    via_wal boolean := (select c.source = 'wal' from streamer.config c);
+    -- How a signed payload leaves: a logical message has no size limit, a NOTIFY has 8000 bytes.
+    send text := format(case when via_wal then 'pg_logical_emit_message(true, ''streamer'', %s)'
+                             else 'pg_notify(''streamer'', %s)' end, signed || ' || body');
+    too_big text := case when via_wal then 'false' else 'octet_length(body) > 7900' end;
 begin
     if feed_name !~ '^[a-z_][a-z0-9_]*$' then
         raise exception 'streamer: a feed''s table name must be lower-case letters, digits and _ (it names the route /api/%/events)', feed_name;
@@ -289,17 +316,17 @@ begin
                 end if;
                 j := to_jsonb(new);
                 body := body || '}' || chr(10) || (%6$s)::text;
-                if octet_length(body) > 7900 then
+                if %8$s then
                     -- Too big for NOTIFY (8000 bytes): the envelope alone; the row is read back.
                     body := split_part(body, chr(10), 1);
                 end if;
             end if;
-            perform pg_notify('streamer', %7$s || body);
+            perform %7$s;
             return null;
         end
         $body$
     $f$, feed_name || '_notify', feed_name, owner_column, to_json(feed_name)::text,
-        is_terminal, replace(row_json, '__row__', 'j'), signed);
+        is_terminal, replace(row_json, '__row__', 'j'), send, too_big);
 
     execute format($f$
         create or replace function streamer.%1$I() returns trigger
@@ -314,11 +341,11 @@ begin
             update streamer.horizon h set pruned_below = greatest(h.pruned_below, (xid + 1) * 1024)
             where h.feed = %3$L;
             delete from streamer.tombstones t where t.feed = %3$L and t.version < (xid + 1) * 1024;
-            perform pg_notify('streamer', %4$s || body);
+            perform %4$s;
             return null;
         end
         $body$
-    $f$, feed_name || '_truncate', to_json(feed_name)::text, feed_name, signed);
+    $f$, feed_name || '_truncate', to_json(feed_name)::text, feed_name, send);
 
     execute format('revoke all on function streamer.%I() from public', feed_name || '_notify');
     execute format('revoke all on function streamer.%I() from public', feed_name || '_truncate');
@@ -337,7 +364,7 @@ begin
         'create trigger streamer_truncate after truncate on %s '
         'for each statement execute function streamer.%I()', tbl, feed_name || '_truncate');
     -- A running service picks the feed_name up on this signal, or within seconds when it polls.
-    perform pg_notify('streamer', '');
+    perform streamer.feeds_changed();
 end
 $enable$;
 

@@ -23,7 +23,9 @@ from streamer.errors import ApiError, AuthError
 from streamer.feed import Feeds, Reads, prune
 from streamer.hub import Hub
 from streamer.metrics import Metrics
+from streamer.sources import Source
 from streamer.sources.notify import NotifySource
+from streamer.sources.wal import WalSource
 from streamer.streams import feed_events, row_events
 from streamer.tasks import Supervisor
 
@@ -134,7 +136,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     reads = Reads(pool)
     feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all("disabled", name))
     await feeds.refresh()
-    source = NotifySource(app[keys.LISTEN_DSN], pool)
+    source: Source = (WalSource if settings.source == "wal" else NotifySource)(
+        app[keys.LISTEN_DSN], pool
+    )
     dispatcher = Dispatcher(source, reads, hub, feeds, app[keys.METRICS])
     app[keys.DISPATCHER] = dispatcher
     # The owner of every long-lived task of the app: made first, stopped last, before

@@ -16,7 +16,7 @@ import psycopg
 from streamer.app import create_app
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
-from streamer.db import Database, migrate
+from streamer.db import Database, migrate, source_problem
 from streamer.demo import run_demo
 from streamer.logs import setup_logging
 from streamer.runner import StartupError, Terminated, first_line, raise_on_sigterm, run_server
@@ -61,7 +61,15 @@ def resolve_secret(settings: Settings) -> Settings:
 def _settings(args: argparse.Namespace) -> Settings:
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("host", "port", "database_url", "data_dir", "workers", "heartbeat_seconds")
+        for name in (
+            "host",
+            "port",
+            "database_url",
+            "data_dir",
+            "workers",
+            "heartbeat_seconds",
+            "source",
+        )
     }
     return load_settings(**flags)
 
@@ -88,14 +96,29 @@ Make an event, in another terminal:
     )
 
 
+def _direct_url_name(settings: Settings) -> str:
+    return "STREAMER_LISTEN_DATABASE_URL" if settings.listen_database_url else "DATABASE_URL"
+
+
 def _migrate(settings: Settings, database: Database) -> list[str]:
     """Apply sql/. Like LISTEN, migrating needs a session of its own (it holds an advisory
-    lock), so it goes to the direct connection when the pool goes through PgBouncer."""
+    lock), so it goes to the direct connection when the pool goes through PgBouncer. With
+    STREAMER_SOURCE set, the feeds' triggers then send through that source."""
     try:
-        return migrate(database.listen_dsn)
+        return migrate(database.listen_dsn, settings.source if settings.source_given else None)
     except psycopg.OperationalError as exc:
-        name = "STREAMER_LISTEN_DATABASE_URL" if settings.listen_database_url else "DATABASE_URL"
-        raise StartupError(f"cannot use {name}: {first_line(exc)}") from None
+        raise StartupError(f"cannot use {_direct_url_name(settings)}: {first_line(exc)}") from None
+
+
+def _check_source(settings: Settings, database: Database) -> None:
+    """The database's triggers send through this process's source, and the server lets it
+    read them (for wal: wal_level, a role that may replicate): or one line saying why not."""
+    try:
+        problem = source_problem(database.listen_dsn, settings.source)
+    except psycopg.Error as exc:
+        raise StartupError(f"cannot use {_direct_url_name(settings)}: {first_line(exc)}") from None
+    if problem is not None:
+        raise StartupError(problem)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with Database.from_settings(settings) as database:
         if not args.no_migrate:
             _migrate(settings, database)
+        _check_source(settings, database)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
         # A partial of a module-level function: a spawned worker can be handed it.
@@ -122,6 +146,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     with Database.from_settings(settings) as database:
         applied = _migrate(settings, database)
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none needed'}")
+        if settings.source_given:
+            print(f"the feeds send through {settings.source}")
     return 0
 
 
@@ -170,10 +196,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
     serve.add_argument("--heartbeat-seconds", type=float, help="heartbeat interval (30)")
     serve.add_argument("--no-migrate", action="store_true", help="do not apply sql/ first")
+    serve.add_argument("--source", help="where changes come from: notify or wal (STREAMER_SOURCE)")
     serve.set_defaults(run=cmd_serve)
 
     mig = commands.add_parser("migrate", help="apply sql/ migrations, each once")
     common(mig)
+    mig.add_argument("--source", help="make the feeds send through notify or wal (STREAMER_SOURCE)")
     mig.set_defaults(run=cmd_migrate)
 
     token = commands.add_parser("token", help="mint a development HS256 token")

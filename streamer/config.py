@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     )
     # For deployments whose pool goes through PgBouncer in transaction mode (no LISTEN there).
     listen_database_url: str | None = None
+    # Where changes come from: NOTIFY, or logical messages read from the WAL (sources/).
+    source: Literal["notify", "wal"] = "notify"
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8080, ge=0, le=65535)
     jwt_secret: str | None = None
@@ -86,6 +88,11 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def source_given(self) -> bool:
+        """STREAMER_SOURCE was set: migrating then switches the database to it."""
+        return "source" in self.model_fields_set
 
     @property
     def embedded(self) -> bool:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import asyncpg
 import psycopg
+import psycopg2
 from psycopg import sql
+from psycopg2.extras import LogicalReplicationConnection
 
 from streamer.config import Settings
 from streamer.embedded import EmbeddedPostgres
@@ -31,8 +33,9 @@ def migrations() -> list[Path]:
     return sorted(sql_dir().glob("*.sql"))
 
 
-def migrate(dsn: str) -> list[str]:
-    """Apply every migration not yet recorded, in file-name order; returns those applied."""
+def migrate(dsn: str, source: str | None = None) -> list[str]:
+    """Apply every migration not yet recorded, in file-name order; returns those applied.
+    With a `source` ('notify' or 'wal'), the feeds' triggers then send through it."""
     applied: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         # Held until the connection closes, however the run ends: an unlock in a `finally`
@@ -57,7 +60,56 @@ def migrate(dsn: str) -> list[str]:
                 )
             applied.append(path.name)
             log.info("applied migration %s", path.name)
+        if source is not None:
+            conn.execute("select streamer.use_source(%s)", (source,))
     return applied
+
+
+def source_problem(dsn: str, source: str) -> str | None:
+    """What keeps this process's change source from working with the database, in one line
+    for the operator; None when nothing does."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            row = conn.execute("select source from streamer.config").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return "the database has no feeds yet: run `streamer migrate` first"
+        recorded = row[0] if row else "notify"
+        if recorded != source:
+            return (
+                f"STREAMER_SOURCE is {source}, but the database's feeds send through"
+                f" {recorded}: run `STREAMER_SOURCE={source} streamer migrate`"
+                f" (or serve with STREAMER_SOURCE={recorded})"
+            )
+        if source != "wal":
+            return None
+        level = conn.execute("show wal_level").fetchone()
+        if level is None or level[0] != "logical":
+            return (
+                "STREAMER_SOURCE=wal needs wal_level = logical (the server has"
+                f" {level[0] if level else 'unknown'}): set it and restart Postgres"
+            )
+        role, may = conn.execute(
+            "select current_user, rolreplication or rolsuper from pg_roles"
+            " where rolname = current_user"
+        ).fetchone() or ("?", False)
+        if not may:
+            return (
+                f"STREAMER_SOURCE=wal needs a role that may replicate: `alter role {role}"
+                " replication` (or connect as one)"
+            )
+    return replication_problem(dsn)
+
+
+def replication_problem(dsn: str) -> str | None:
+    """Open a logical replication connection as the WAL source will (pg_hba.conf,
+    max_wal_senders): its error in one line, or None."""
+    try:
+        conn = psycopg2.connect(dsn, connection_factory=LogicalReplicationConnection)
+    except psycopg2.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"STREAMER_SOURCE=wal cannot open a replication connection: {first}"
+    conn.close()
+    return None
 
 
 def ensure_database(admin_dsn: str, name: str) -> None:

@@ -46,10 +46,11 @@ def _free_port() -> int:
 
 
 class EmbeddedPostgres:
-    def __init__(self, data_dir: Path, *, fast: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, fast: bool = False, options: str = "") -> None:
         self.data_dir = data_dir.resolve()
         self.pgdata = self.data_dir / "pgdata"
         self.fast = fast  # fsync off: for tests and benchmarks of the service, not the disk
+        self.options = options  # more server options; the last -c of a setting wins
         self._run_as = SYSTEM_USER if os.geteuid() == 0 else None
         # A Unix socket path must stay under ~100 bytes; the data dir may be deeper than that.
         self.socket_dir = Path(tempfile.gettempdir()) / (
@@ -137,8 +138,15 @@ class EmbeddedPostgres:
         if not self.port_file.exists() or not self._port_is_free(self.port):
             self.port_file.write_text(str(_free_port()))
         options = f"-h 127.0.0.1 -p {self.port} -k {self.socket_dir} -c max_connections=500"
+        # Ready for STREAMER_SOURCE=wal whatever the source: each service process holds one
+        # walsender and one (temporary) slot.
+        options += " -c wal_level=logical -c max_wal_senders=64 -c max_replication_slots=64"
         if self.fast:
             options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            # A commit reaches the WAL source once flushed: by the WAL writer, 10 ms, not 200.
+            options += " -c wal_writer_delay=10ms"
+        if self.options:
+            options += " " + self.options
         log = self.data_dir / "postgres.log"
         if self._run_as is not None:
             log.touch()

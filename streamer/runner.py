@@ -94,8 +94,9 @@ async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) 
         if not await _first(app[keys.DISPATCHER].ready, stop):
             if stop.is_set():
                 return
+            kind = "replication" if settings.source == "wal" else "LISTEN"
             raise StartupError(
-                f"the LISTEN connection did not come up within {LISTENER_START_SECONDS:.0f} s "
+                f"the {kind} connection did not come up within {LISTENER_START_SECONDS:.0f} s "
                 "(STREAMER_LISTEN_DATABASE_URL, or DATABASE_URL)"
             )
         # What exists now lives as long as the process: keep the garbage collector from

@@ -1,6 +1,9 @@
 """A real Postgres (DATABASE_URL, or the embedded server) and a real HTTP server per test.
 
 Each test gets a fresh database cloned from a migrated template, which takes milliseconds.
+The whole suite runs with the change source STREAMER_SOURCE names (notify by default; `make
+test` runs it with wal too): the template's triggers send through it, and every service
+reads from it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
 from streamer.server import server_options
 from streamer.sources.notify import NotifySource
+from streamer.sources.wal import WalSource
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
 # Writers in production are never the table's owner: the tests write as such a role, with
@@ -39,6 +43,17 @@ SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
 WRITER = "streamer_test_writer"
 WRITER_PASSWORD = "writer-password"
 _counter = itertools.count()
+# The change source under test, as `streamer serve` would read it.
+SOURCE = Settings().source
+
+
+def pytest_report_header() -> str:
+    return f"change source: {SOURCE} (STREAMER_SOURCE)"
+
+
+def migrate_for_tests(url: str) -> list[str]:
+    """Migrate as `STREAMER_SOURCE=<the source under test> streamer migrate` does."""
+    return migrate(url, SOURCE)
 
 
 def with_database(url: str, name: str) -> str:
@@ -101,7 +116,7 @@ def template(postgres: PostgresServer) -> Iterator[str]:
         )
         conn.execute(sql.SQL("create database {}").format(sql.Identifier(name)))
     url = with_database(postgres.admin_url, name)
-    migrate(url)
+    migrate_for_tests(url)
     with postgres.admin() as conn:
         create_writer_role(conn)
     with psycopg.connect(url, autocommit=True) as conn:
@@ -178,14 +193,15 @@ class Service:
 
 
 async def start_service(database_url: str, **overrides: Any) -> Service:
-    values: dict[str, Any] = {"jwt_secret": SECRET, "database_url": database_url}
+    values: dict[str, Any] = {"jwt_secret": SECRET, "database_url": database_url, "source": SOURCE}
     values.update(overrides)
     settings = Settings(**values)
     app = create_app(settings, database_url)
     server = TestServer(app, host="127.0.0.1")
     # Set up as `streamer serve` sets it up: the same limits, logs and access log.
     await server.start_server(**server_options())
-    await app[keys.DISPATCHER].ready.wait()
+    # Changes flow: from now on every commit reaches the service (a failure, not a hang).
+    await asyncio.wait_for(app[keys.DISPATCHER].ready.wait(), 30)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
     return Service(server, session, settings)
 
@@ -195,11 +211,30 @@ async def stop_service(service: Service) -> None:
     await service.server.close()
 
 
-def notify_source(service: Service) -> NotifySource:
-    """The service's change connection (the NOTIFY source)."""
+def change_source(service: Service) -> NotifySource | WalSource:
+    """The service's change source, whichever it is: its `dsn`, and the `pid` of its
+    connection's backend (LISTEN) or walsender (WAL)."""
     source = service.app[keys.DISPATCHER].source
-    assert isinstance(source, NotifySource)
+    assert isinstance(source, NotifySource | WalSource)
     return source
+
+
+async def send_raw(conn: asyncpg.Connection, payload: str) -> None:
+    """Send `payload` where the service under test reads the feed triggers' payloads, as any
+    role that can connect may: NOTIFY on channel `streamer`, or a transactional logical
+    message with prefix `streamer` in the WAL."""
+    if SOURCE == "wal":
+        await conn.execute("select pg_logical_emit_message(true, 'streamer', $1)", payload)
+    else:
+        await conn.execute("select pg_notify('streamer', $1)", payload)
+
+
+async def kill_change_connection(service: Service, admin: asyncpg.Connection) -> None:
+    """Terminate the service's change connection on the server, as `admin` (an owner or a
+    superuser: a writer may not)."""
+    pid = change_source(service).pid
+    assert pid is not None
+    assert await admin.fetchval("select pg_terminate_backend($1)", pid)
 
 
 @pytest.fixture
@@ -236,6 +271,16 @@ async def backend_count(db: asyncpg.Connection) -> int:
     count: int = await db.fetchval(
         "select count(*) from pg_stat_activity where datname = current_database()"
         " and pid <> pg_backend_pid()"
+    )
+    return count
+
+
+async def change_connections(db: asyncpg.Connection) -> int:
+    """Connections to the test database that carry changes to a service: LISTENing backends
+    (NOTIFY) or walsenders (WAL)."""
+    count: int = await db.fetchval(
+        "select count(*) from pg_stat_activity where datname = current_database()"
+        " and (query ilike 'listen%' or backend_type = 'walsender')"
     )
     return count
 

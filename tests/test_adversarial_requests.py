@@ -26,7 +26,7 @@ from streamer.app import create_app
 from streamer.config import Settings
 from streamer.feed import MAX_HORIZON
 from streamer.server import server_options
-from tests.conftest import SECRET, Service, insert_file, token_for
+from tests.conftest import SECRET, Service, insert_file, send_raw, token_for
 from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
@@ -408,7 +408,7 @@ async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable
     url = service.url(EVENTS)
     async with open_stream(service.session, url, token_for(user)) as stream:
         for payload in forged:
-            await db.execute("select pg_notify('streamer', $1)", payload)
+            await send_raw(db, payload)
         mine = await insert_file(db, user, "mine.pdf")
         event = await stream.next()
         assert event.file["id"] == str(mine)

@@ -23,9 +23,9 @@ from tests.conftest import (
     WRITER,
     PostgresServer,
     Service,
+    change_source,
     fresh_database,
     insert_file,
-    notify_source,
     token_for,
     wait_until,
 )
@@ -194,9 +194,9 @@ async def test_a_table_enabled_while_the_service_runs_gets_both_routes_without_a
 async def test_a_new_feed_shares_the_one_change_connection_of_the_process(
     service: Service, owner_db: asyncpg.Connection, db: asyncpg.Connection
 ) -> None:
-    source, dispatcher = notify_source(service), service.app[keys.DISPATCHER]
-    assert source.connection is not None
-    listener, sessions = source.connection.get_server_pid(), dispatcher.sessions
+    source, dispatcher = change_source(service), service.app[keys.DISPATCHER]
+    listener, sessions = source.pid, dispatcher.sessions
+    assert listener is not None
 
     await create_jobs(owner_db)
     await enable_jobs(owner_db, service)
@@ -204,11 +204,10 @@ async def test_a_new_feed_shares_the_one_change_connection_of_the_process(
         job_id = await insert_job(db, ALICE)
         assert job(await stream.next())["id"] == job_id
 
-        assert source.connection is not None
-        assert (source.connection.get_server_pid(), dispatcher.sessions) == (listener, sessions)
-        listens = await owner_db.fetch(
+        assert (source.pid, dispatcher.sessions) == (listener, sessions)
+        listens = await owner_db.fetch(  # LISTENing backends, or walsenders (WAL source)
             "select pid from pg_stat_activity where datname = current_database()"
-            " and query ilike 'listen%'"
+            " and (query ilike 'listen%' or backend_type = 'walsender')"
         )
         assert [r["pid"] for r in listens] == [listener]
         ours = {db.get_server_pid(), owner_db.get_server_pid()}

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from streamer.embedded import EmbeddedPostgres
-from tests.conftest import SECRET, insert_file, token_for, wait_until
+from tests.conftest import SECRET, SOURCE, insert_file, token_for, wait_until
 from tests.scrape import scrape
 from tests.sse import open_stream
 
@@ -169,10 +169,13 @@ async def serving(
         "--workers",
         str(workers),
         env=environment(
-            DATABASE_URL=database_url,
-            STREAMER_JWT_SECRET=SECRET,
-            STREAMER_LOG_FORMAT="json",
-            **variables,
+            **{
+                "DATABASE_URL": database_url,
+                "STREAMER_JWT_SECRET": SECRET,
+                "STREAMER_LOG_FORMAT": "json",
+                "STREAMER_SOURCE": SOURCE,
+                **variables,
+            }
         ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -274,8 +277,9 @@ async def test_two_workers_share_one_port_and_every_stream_sees_every_event_of_i
         assert await server.stop() == 0
 
     records = server.records()
-    listening = {r["pid"] for r in records if r["message"].startswith("listening on channel")}
-    assert len(listening) == 2, "\n".join(server.lines)  # one LISTEN connection per worker
+    changes_flow = ("listening on channel", "reading messages")  # NOTIFY, WAL
+    listening = {r["pid"] for r in records if r["message"].startswith(changes_flow)}
+    assert len(listening) == 2, "\n".join(server.lines)  # one change connection per worker
     served = {r["pid"] for r in records if r["logger"] == "aiohttp.access" and r["path"] == EVENTS}
     assert served == listening  # and both served streams
 

@@ -14,6 +14,7 @@ from streamer import feed, keys, streams
 from tests.conftest import (
     Service,
     backend_count,
+    change_connections,
     insert_file,
     start_service,
     stop_service,
@@ -253,11 +254,7 @@ async def test_fifty_watchers_of_one_file_see_the_same_sequence_over_one_listene
             assert (await w.next()).file["status"] == "pending"
         assert service.app[keys.HUB].count == 50
         assert await backend_count(db) <= 1 + service.settings.pool_size
-        listens = await owner_db.fetchval(
-            "select count(*) from pg_stat_activity where datname = current_database()"
-            " and query ilike 'listen%'"
-        )
-        assert listens == 1
+        assert await change_connections(owner_db) == 1
 
         for progress in range(5, 100, 5):
             await db.execute(

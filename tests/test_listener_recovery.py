@@ -1,5 +1,6 @@
-"""The LISTEN connection drops (killed backend, Postgres restart): open streams stay open and
-receive every change made meanwhile, and /readyz says 503 until it is back."""
+"""The change connection (LISTEN, or the walsender of the WAL source) drops (killed backend,
+Postgres restart): open streams stay open and receive every change made meanwhile, and
+/readyz says 503 until it is back."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import asyncpg
 import pytest
 
 from streamer import feed, keys
-from streamer.db import migrate
 from streamer.dispatch import Dispatcher
 from streamer.embedded import EmbeddedPostgres
 from tests.conftest import (
     Service,
+    change_source,
     insert_file,
-    notify_source,
+    kill_change_connection,
+    migrate_for_tests,
     start_service,
     stop_service,
     token_for,
@@ -72,11 +74,9 @@ def listener_of(service: Service) -> Dispatcher:
 
 async def kill_listener(service: Service) -> None:
     """Terminate the listener's backend, as the database's owner (a writer may not)."""
-    connection = notify_source(service).connection
-    assert connection is not None
     owner = await asyncpg.connect(service.settings.database_url)
     try:
-        assert await owner.fetchval("select pg_terminate_backend($1)", connection.get_server_pid())
+        await kill_change_connection(service, owner)
     finally:
         await owner.close()
 
@@ -85,16 +85,16 @@ async def kill_listener(service: Service) -> None:
 async def listener_held_down(service: Service) -> AsyncIterator[None]:
     """Kill the listener's backend and keep it from reconnecting until the block ends."""
     listener = listener_of(service)
-    real_dsn = notify_source(service).dsn
+    real_dsn = change_source(service).dsn
     async with Blackhole() as hole:
-        notify_source(service).dsn = hole.dsn
+        change_source(service).dsn = hole.dsn
         try:
             await kill_listener(service)
             await asyncio.wait_for(hole.attempted.wait(), 10)
             assert not listener.ready.is_set()
             yield
         finally:
-            notify_source(service).dsn = real_dsn
+            change_source(service).dsn = real_dsn
     # The attempt in the hole fails; the next one reaches the real database.
 
 
@@ -282,7 +282,7 @@ async def test_a_postgres_restart_loses_nothing_and_the_stream_stays_open(user):
     await asyncio.to_thread(server.start)
     try:
         url = server.url()
-        await asyncio.to_thread(migrate, url)
+        await asyncio.to_thread(migrate_for_tests, url)
         service = await start_service(url)
         try:
             await _restart_while_streaming(service, server, url, user)
@@ -296,7 +296,7 @@ async def _restart_while_streaming(
     service: Service, server: EmbeddedPostgres, url: str, user: uuid.UUID
 ) -> None:
     listener = listener_of(service)
-    real_dsn = notify_source(service).dsn
+    real_dsn = change_source(service).dsn
     db = await asyncpg.connect(url)
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
         before = await insert_file(db, user, "before.pdf")
@@ -308,7 +308,7 @@ async def _restart_while_streaming(
         sessions = listener.sessions
         async with Blackhole() as hole:
             # Keep the listener away until writes were made on the restarted server.
-            notify_source(service).dsn = hole.dsn
+            change_source(service).dsn = hole.dsn
             await asyncio.to_thread(server.stop)
             await asyncio.wait_for(hole.attempted.wait(), 20)
             await asyncio.to_thread(server.start)
@@ -318,7 +318,7 @@ async def _restart_while_streaming(
             db = await asyncpg.connect(url)
             added = await insert_file(db, user, "after-restart.pdf")
             await db.execute("update files set progress = 70 where id = $1", before)
-            notify_source(service).dsn = real_dsn
+            change_source(service).dsn = real_dsn
         await back_up(service, sessions)
 
         latest: dict[str, int] = {}

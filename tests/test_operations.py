@@ -14,7 +14,14 @@ from streamer import keys
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.server import server_options
-from tests.conftest import SECRET, Service, insert_file, notify_source, token_for
+from tests.conftest import (
+    SECRET,
+    Service,
+    insert_file,
+    kill_change_connection,
+    send_raw,
+    token_for,
+)
 from tests.scrape import eventually, scrape
 from tests.sse import open_stream
 
@@ -83,7 +90,7 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
         for _ in range(3):
             await stream.next()
         # A notification that no feed trigger signed is rejected, and counted.
-        await db.execute("select pg_notify('streamer', 'not a change')")
+        await send_raw(db, "not a change")
 
         async def rejected() -> bool:
             return await sample("streamer_notifications_rejected_total") == 1
@@ -98,10 +105,8 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
         assert after["streamer_slow_client_disconnects_total"] == 0
         assert after["streamer_listener_reconnects_total"] == 0
 
-        # The LISTEN connection is killed: it comes back on its own, and the count says so.
-        connection = notify_source(service).connection
-        assert connection is not None
-        await owner_db.execute("select pg_terminate_backend($1)", connection.get_server_pid())
+        # The change connection is killed: it comes back on its own, and the count says so.
+        await kill_change_connection(service, owner_db)
 
         async def reconnected() -> bool:
             samples = await scrape(service.session, metrics_url)

@@ -1,8 +1,10 @@
 """The service works over TCP and a Unix socket, on the embedded PostgreSQL 18 and on a
-system PostgreSQL 15 when one is installed (users bring their own server)."""
+system PostgreSQL 15 when one is installed (users bring their own server), with the change
+source under test: its connection killed, a change made meanwhile still arrives."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -14,8 +16,16 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from streamer.db import migrate
-from tests.conftest import PostgresServer, insert_file, start_service, stop_service, token_for
+from streamer import keys
+from tests.conftest import (
+    PostgresServer,
+    insert_file,
+    kill_change_connection,
+    migrate_for_tests,
+    start_service,
+    stop_service,
+    token_for,
+)
 from tests.sse import open_stream
 
 PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -32,6 +42,16 @@ async def stream_one_change(url: str) -> None:
             file_id = await insert_file(conn, user, "over-the-socket.pdf")
             event = await stream.next()
             assert event.file["id"] == str(file_id)
+
+            dispatcher = service.app[keys.DISPATCHER]
+            sessions = dispatcher.sessions
+            await kill_change_connection(service, conn)
+            await conn.execute("update files set progress = 50 where id = $1", file_id)
+            async with asyncio.timeout(20):
+                while dispatcher.sessions == sessions:
+                    await asyncio.sleep(0.01)
+                while (event := await stream.next()).file["progress"] != 50:
+                    pass
     finally:
         await conn.close()
         await stop_service(service)
@@ -62,11 +82,11 @@ def postgres15() -> Iterator[tuple[str, str]]:
         subprocess.run([str(a) for a in args], check=check, capture_output=True, user=user)
 
     run(PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
-    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off"
+    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c wal_level=logical"
     run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", options, "start")
     try:
         tcp = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        migrate(tcp)
+        migrate_for_tests(tcp)
         yield tcp, f"postgresql://postgres@/postgres?host={root}&port={port}"
     finally:
         run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop", check=False)

@@ -1,6 +1,7 @@
 """A database set up the way teams run production: writers that are not the table's owner,
 a table that evolves under a running service, bulk writes, TRUNCATE, and roles that can
-only connect trying to make a user see something."""
+only connect trying to make a user see something (by NOTIFY, or by a logical message in the
+WAL, whichever the source under test reads)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ import asyncpg
 import pytest
 from psycopg import sql
 
+from streamer.sources.wal import WalSource
 from tests.conftest import (
+    SOURCE,
     PostgresServer,
     Service,
     as_role,
+    change_source,
     insert_file,
+    send_raw,
     token_for,
 )
 from tests.scrape import eventually, scrape
@@ -168,7 +173,8 @@ async def test_truncate_tells_every_open_stream_reset_then_a_fresh_snapshot(
 
 @pytest.fixture
 async def nobody(postgres: PostgresServer, database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A role that can connect to the database, and so NOTIFY, but do nothing else."""
+    """A role that can connect to the database, and so NOTIFY or write a logical message to
+    the WAL (pg_logical_emit_message is anyone's), but do nothing else."""
     with postgres.admin() as conn:
         if not conn.execute("select 1 from pg_roles where rolname = %s", (NOBODY,)).fetchone():
             conn.execute(
@@ -179,15 +185,32 @@ async def nobody(postgres: PostgresServer, database_url: str) -> AsyncIterator[a
     await conn.close()
 
 
+async def genuine_payloads(service: Service, nobody: asyncpg.Connection) -> asyncio.Queue[str]:
+    """Real signed payloads as they go by: a listener on the channel sees them (with NOTIFY),
+    and so, we assume, does the forger in the WAL (only a role that may replicate can)."""
+    seen: asyncio.Queue[str] = asyncio.Queue()
+    if SOURCE == "notify":
+        await nobody.add_listener("streamer", lambda *args: seen.put_nowait(args[-1]))
+    else:
+        source = change_source(service)
+        assert isinstance(source, WalSource)
+        receive = source._receive
+
+        def seen_then_received(payload: str) -> None:
+            seen.put_nowait(payload)
+            receive(payload)
+
+        source._receive = seen_then_received
+    return seen
+
+
 async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
     service: Service, db: asyncpg.Connection, nobody: asyncpg.Connection, user: uuid.UUID
 ) -> None:
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await nobody.fetchval("select count(*) from files")
-    # The trigger's format is public (function sources are readable by everyone), and a
-    # listener on the channel sees real signed payloads go by.
-    seen: asyncio.Queue[str] = asyncio.Queue()
-    await nobody.add_listener("streamer", lambda *args: seen.put_nowait(args[-1]))
+    # The trigger's format is public (function sources are readable by everyone).
+    seen = await genuine_payloads(service, nobody)
     real = await insert_file(db, user, "real.pdf")
     genuine = await asyncio.wait_for(seen.get(), 10)
     signature, body = genuine[:64], genuine[64:]
@@ -209,8 +232,13 @@ async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
 
     before = await rejected()
     async with stream_of(service, user) as stream:
+        if SOURCE == "wal":
+            # Outside any transaction's order: not read at all, signed or not.
+            await nobody.execute(
+                "select pg_logical_emit_message(false, 'streamer', $1)", forgeries[0]
+            )
         for payload in forgeries:
-            await nobody.execute("select pg_notify('streamer', $1)", payload)
+            await send_raw(nobody, payload)
 
         async def all_rejected() -> bool:
             return await rejected() == before + len(forgeries)

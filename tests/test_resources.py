@@ -7,7 +7,14 @@ import contextlib
 import uuid
 
 from streamer import keys
-from tests.conftest import Service, backend_count, insert_file, token_for, wait_until
+from tests.conftest import (
+    Service,
+    backend_count,
+    change_connections,
+    insert_file,
+    token_for,
+    wait_until,
+)
 from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
@@ -33,11 +40,7 @@ async def test_two_hundred_streams_opened_and_closed_leave_nothing_behind(
     assert hub.owners() == {}
     await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
     assert await backend_count(db) <= 1 + service.settings.pool_size
-    listens = await owner_db.fetchval(
-        "select count(*) from pg_stat_activity where datname = current_database()"
-        " and query ilike 'listen%'"
-    )
-    assert listens == 1
+    assert await change_connections(owner_db) == 1
 
     # And the service still streams.
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:

@@ -12,7 +12,7 @@ import pytest
 from streamer import keys
 from streamer.metrics import Metrics
 from streamer.tasks import Supervisor
-from tests.conftest import Service, insert_file, notify_source, token_for, wait_until
+from tests.conftest import Service, insert_file, kill_change_connection, token_for, wait_until
 from tests.scrape import eventually, scrape
 from tests.sse import open_stream
 
@@ -112,13 +112,10 @@ async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_ca
 
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
         monkeypatch.setattr(listener, "_recover", recover_failing_once)
-        # The LISTEN connection is cut: the listener reconnects, and its recovery raises.
-        connection = notify_source(service).connection
-        assert connection is not None
+        # The change connection is cut: the listener reconnects, and its recovery raises.
         owner = await asyncpg.connect(database_url)
         try:
-            pid = connection.get_server_pid()
-            assert await owner.fetchval("select pg_terminate_backend($1)", pid)
+            await kill_change_connection(service, owner)
         finally:
             await owner.close()
         await wait_until(lambda: bool(supervisor_lines(caplog)))

@@ -8,9 +8,17 @@ from collections.abc import Callable
 from typing import Protocol
 
 import asyncpg
+import psycopg2
 
-# What a lost connection looks like, whatever the source: retried with backoff.
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+# What a lost connection looks like, whatever the source (psycopg2: the WAL's): retried
+# with backoff.
+CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+    psycopg2.Error,
+)
 
 
 class Source(Protocol):

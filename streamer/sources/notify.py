@@ -29,6 +29,12 @@ class NotifySource:
         self.connection: asyncpg.Connection | None = None
         self._lost = asyncio.Event()
 
+    @property
+    def pid(self) -> int | None:
+        """The LISTEN connection's backend process id on the server, while connected."""
+        conn = self.connection
+        return None if conn is None or conn.is_closed() else conn.get_server_pid()
+
     async def connect(self, receive: Callable[[str], None]) -> None:
         self._lost.clear()
         conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)

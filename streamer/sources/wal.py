@@ -1,0 +1,187 @@
+"""The WAL source: one logical replication connection per process, reading the signed
+payloads that the feed triggers write as transactional logical messages (pgoutput, with
+`messages` on and an empty publication: no table's rows are sent, only the messages).
+
+psycopg2, because asyncpg and psycopg 3 cannot speak the replication protocol. Its
+connection is asynchronous and read from the event loop (`add_reader` + `read_message`),
+with no thread. The slot is TEMPORARY: it dies with its connection, so Postgres never
+keeps WAL for a process that is gone; after a reconnect the dispatcher catches streams up
+from their cursors, as after a LISTEN reconnect. Every message received is confirmed as
+flushed, so a long-running process holds no WAL either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import struct
+from collections.abc import Callable
+
+import asyncpg
+import psycopg2
+import psycopg2.extensions
+from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
+
+from streamer.feed import CHANNEL
+
+PREFIX = CHANNEL.encode()  # the logical messages' prefix, as the channel is NOTIFY's
+BURST = 500  # messages read per wake-up before letting the event loop run others
+_TRANSACTIONAL = 1
+_LENGTH = struct.Struct("!i")
+
+
+class WalSource:
+    description = f"reading messages {CHANNEL!r} from the WAL"
+
+    def __init__(
+        self,
+        dsn: str,
+        pool: asyncpg.Pool,
+        *,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+        slot_timeout: float = 60.0,
+    ) -> None:
+        self.dsn = dsn
+        self.pool = pool
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.connect_timeout = connect_timeout
+        # Creating a slot waits for the transactions running at that moment to end.
+        self.slot_timeout = slot_timeout
+        self.connection: psycopg2.extensions.connection | None = None
+        self.slot: str | None = None
+        self._cursor: ReplicationCursor | None = None
+        self._fd: int | None = None  # the socket the event loop reads
+        self._receive: Callable[[str], None] = lambda _payload: None
+        self._encoding = "utf-8"
+        self._lost = asyncio.Event()
+        self._heard = asyncio.Event()  # anything came from the server (a ping's answer)
+        self._failure: psycopg2.Error | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The walsender's process id on the server, while connected."""
+        conn = self.connection
+        return None if conn is None or conn.closed else conn.info.backend_pid
+
+    async def connect(self, receive: Callable[[str], None]) -> None:
+        self._lost.clear()
+        self._failure = None
+        self._receive = receive
+        conn = psycopg2.connect(
+            self.dsn, connection_factory=LogicalReplicationConnection, async_=True
+        )
+        self.connection = conn
+        async with asyncio.timeout(self.connect_timeout):
+            await _completed(conn)
+        server_encoding = conn.get_parameter_status("server_encoding") or "UTF8"
+        self._encoding = psycopg2.extensions.encodings.get(server_encoding, "utf-8")
+        cursor = conn.cursor()
+        assert isinstance(cursor, ReplicationCursor)
+        slot = f"streamer_{os.getpid()}_{secrets.token_hex(4)}"
+        cursor.execute(
+            f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"
+        )
+        async with asyncio.timeout(self.slot_timeout):
+            await _completed(conn)
+        self.slot = slot
+        # Only messages: the publication is empty, and pgoutput sends the transactional
+        # ones in commit order, between the BEGIN and COMMIT of their transaction.
+        cursor.start_replication_expert(  # type: ignore[no-untyped-call]
+            f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1',"
+            f" publication_names '\"{CHANNEL}\"', messages 'true')",
+            decode=False,
+        )
+        async with asyncio.timeout(self.connect_timeout):
+            await _completed(conn)
+        self._cursor = cursor
+        self._fd = conn.fileno()
+        asyncio.get_running_loop().add_reader(self._fd, self._read, cursor)
+        self.description = f"reading messages {CHANNEL!r} from the WAL (slot {slot})"
+
+    def _read(self, cursor: ReplicationCursor) -> None:
+        if cursor is not self._cursor:
+            return  # a wake-up scheduled before a reconnect
+        self._heard.set()
+        try:
+            for _ in range(BURST):
+                message = cursor.read_message()
+                if message is None:
+                    return
+                self._message(message.payload)
+                # Confirmed as soon as handed on: the slot dies with the connection, so
+                # there is no position to resume from, and none to keep WAL for.
+                cursor.send_feedback(flush_lsn=message.data_start)  # type: ignore[no-untyped-call]
+            # More may wait in libpq's buffer, where the socket's readiness cannot tell.
+            asyncio.get_running_loop().call_soon(self._read, cursor)
+        except psycopg2.Error as exc:
+            self._failure = exc
+            self._lost.set()
+
+    def _message(self, payload: bytes) -> None:
+        """A pgoutput message: only 'M' (a logical message) with the feed's prefix matters.
+        Its layout: 'M', flags (1: transactional), LSN (8 bytes), prefix and a zero byte,
+        length (4 bytes), content."""
+        if payload[:1] != b"M" or not payload[1] & _TRANSACTIONAL:
+            return  # BEGIN, COMMIT, or a message outside any transaction's order
+        end = payload.index(0, 10)
+        if payload[10:end] != PREFIX:
+            return
+        (length,) = _LENGTH.unpack_from(payload, end + 1)
+        start = end + 1 + _LENGTH.size
+        self._receive(payload[start : start + length].decode(self._encoding))
+
+    async def mark(self, payload: str) -> None:
+        await self.pool.execute("select pg_logical_emit_message(true, $1, $2)", CHANNEL, payload)
+
+    async def watch(self) -> None:
+        """Return when the connection is lost; raise when it does not answer a ping (a
+        half-open connection) or failed."""
+        try:
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
+                    break
+                cursor = self._cursor
+                assert cursor is not None
+                self._heard.clear()
+                # The server answers with a keepalive.
+                cursor.send_feedback(reply=True)  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(self._heard.wait(), timeout=self.ping_timeout)
+        finally:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+
+    async def close(self) -> None:
+        conn, self.connection, self._cursor, self.slot = self.connection, None, None, None
+        if self._fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            self._fd = None
+        if conn is not None:
+            conn.close()  # the server ends its walsender, and the temporary slot with it
+
+
+async def _completed(conn: psycopg2.extensions.connection) -> None:
+    """Wait, on the event loop, until the asynchronous connection's operation is done."""
+    loop = asyncio.get_running_loop()
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        waiter = loop.create_future()
+        fd = conn.fileno()
+        if state == psycopg2.extensions.POLL_READ:
+            loop.add_reader(fd, waiter.set_result, None)
+            remove = loop.remove_reader
+        else:
+            loop.add_writer(fd, waiter.set_result, None)
+            remove = loop.remove_writer
+        try:
+            await waiter
+        finally:
+            remove(fd)

@@ -109,6 +109,10 @@ class Remote:
         result: Reply = reply
         return result
 
+    def answered(self) -> bool:
+        """Whether the reply to the command sent is in (`receive` would not wait)."""
+        return self._conn.poll(0)
+
     def call(self, command: str, timeout: float = 120.0, **args: Any) -> Reply:
         self.send(command, **args)
         return self.receive(timeout)

@@ -175,11 +175,22 @@ class Postgres:
         self._monitor: psycopg.Connection[tuple[Any, ...]] | None = None
         self._monitor_lock = threading.Lock()
 
-    def start(self) -> str:
+    def start(self, code: Path = REPO) -> str:
+        """Start the server, with the database migrated by the service of checkout `code`
+        (another one's migrations by its own `streamer migrate`)."""
         admin = self.server.start()
         ensure_database(admin, DATABASE)
         self.url = self.server.url(DATABASE)
-        migrate(self.url)
+        if code == REPO:
+            migrate(self.url)
+        else:
+            subprocess.run(
+                [sys.executable, "-m", "streamer", "migrate"],
+                cwd=code,
+                env={**os.environ, "PYTHONPATH": str(code), "DATABASE_URL": self.url},
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         self.connections("bench-monitor")  # opens the monitoring connection now
         return self.url
 
@@ -230,15 +241,18 @@ class ServerProcess:
 
     live: set[ServerProcess] = set()
 
-    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int) -> None:
+    def __init__(
+        self, name: str, command: list[str], env: dict[str, str], port: int, code: Path = REPO
+    ) -> None:
         self.name = name
         self.port = port
         self.log_path = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
         self._log = self.log_path.open("wb")
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        # `code` first: its streamer/ is the one that runs, whatever is installed.
+        path = os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)
         self.process = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=code,
             env={**os.environ, "PYTHONPATH": path, **env},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -293,9 +307,10 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
 
-def start_service(pg: Postgres, *, heartbeat: float = 30.0) -> ServerProcess:
+def start_service(pg: Postgres, *, heartbeat: float = 30.0, code: Path = REPO) -> ServerProcess:
     """`streamer serve` as deployed (DATABASE_URL and a JWT secret from the environment),
-    run as `python -m streamer` so that it is this checkout's code."""
+    run as `python -m streamer` so that it is the code of checkout `code` (this one unless
+    told otherwise)."""
     port = _free_port()
     env = {
         "DATABASE_URL": pg.dsn("bench-service"),
@@ -304,7 +319,7 @@ def start_service(pg: Postgres, *, heartbeat: float = 30.0) -> ServerProcess:
         "STREAMER_HEARTBEAT_SECONDS": str(heartbeat),
     }
     command = [sys.executable, "-m", "streamer", "serve", "--no-migrate"]
-    server = ServerProcess("service", command, env, port)
+    server = ServerProcess("service", command, env, port, code)
     server.wait_ready("/readyz")
     return server
 
@@ -369,6 +384,46 @@ def sampling(
     finally:
         done.set()
         thread.join(10)
+
+
+@dataclass
+class Rss:
+    """One process's RSS, sampled often: the first reading and the highest."""
+
+    first: int = 0
+    peak: int = 0
+    samples: int = 0
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.first
+
+
+@contextlib.contextmanager
+def tracking_rss(pid: int, every: float = 0.01) -> Iterator[Rss]:
+    """Sample `pid`'s RSS every `every` seconds, in a thread, until exit: a peak that
+    lasts a fraction of a second is seen."""
+    rss = Rss()
+    rss.first = rss.peak = rss_bytes(pid)
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(every):
+            try:
+                rss.peak = max(rss.peak, rss_bytes(pid))
+            except OSError:  # it exited
+                return
+            rss.samples += 1
+
+    thread = threading.Thread(target=run, name="rss", daemon=True)
+    thread.start()
+    try:
+        yield rss
+    finally:
+        done.set()
+        thread.join(10)
+        with contextlib.suppress(OSError):
+            rss.peak = max(rss.peak, rss_bytes(pid))
 
 
 # -- cleanup --------------------------------------------------------------------------

@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.agent import Remote, call_all
 from bench.clients import ClientSpec, client_main, floor_main
-from bench.harness import SECRET, Postgres
+from bench.harness import REPO, SECRET, Postgres
 from bench.stats import Arrivals, Commits, Ints
 from bench.writers import writers_main
 from streamer.auth import mint_token
@@ -174,8 +175,16 @@ class Writer:
         return pid
 
     def run(self, rate: float | None, seconds: float, rows: int, users: int) -> Commits:
+        self.start(rate, seconds, rows, users)
+        return self.finish(timeout=seconds + 120)
+
+    def start(self, rate: float | None, seconds: float, rows: int, users: int) -> None:
+        """Commit in the background for at most `seconds` (see `run`)."""
         self.remote.call("start", rate=rate, seconds=seconds, rows=rows, users=users)
-        reply = self.remote.call("finish", timeout=seconds + 120)
+
+    def finish(self, timeout: float = 120.0, *, now: bool = False) -> Commits:
+        """What was committed since `start`, once its run is over (`now`: ended now)."""
+        reply = self.remote.call("finish", timeout=timeout, now=now)
         return Commits.load(reply["path"])
 
     def stop(self) -> None:
@@ -203,3 +212,4 @@ class Context:
     results: str  # bench/results
     quick: bool
     profile: bool
+    code: Path = REPO  # the checkout whose service is measured

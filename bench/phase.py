@@ -52,7 +52,7 @@ def running(
     receivers: Receivers | None = None
     try:
         if design == "service":
-            server = start_service(ctx.pg, heartbeat=heartbeat)
+            server = start_service(ctx.pg, heartbeat=heartbeat, code=ctx.code)
         elif design == "naive":
             server = start_naive(ctx.pg)
         elif design == "relay":

@@ -20,6 +20,14 @@ TARGET_STREAMS = 10_000
 TARGET_KB_PER_STREAM = 16.0
 TARGET_WRITER_RATIO = 0.95
 MAX_CONNECTIONS = 500
+TARGET_BIG_ROWS_PER_S = 33_000.0  # 200,000 rows in 6 s
+TARGET_BIG_RSS_MB = 100.0
+TARGET_BIG_P99_MS = 100.0
+BIG_VARIANTS = (
+    ("snapshot", "snapshot to `synced`"),
+    ("resume", "resume over every row changed, to `synced`"),
+    ("recovery", "listener recovery, to the last row"),
+)
 LOST_AT_MS = 10_000.0  # phase.DRAIN_TIMEOUT
 
 Row = dict[str, Any]
@@ -132,12 +140,69 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                     f"{_n(w['bare']['tps'])} TPS)",
                     _verdict(w["feed_vs_bare"] >= TARGET_WRITER_RATIO),
                 ])  # fmt: skip
+    big = results.get("big_user")
+    if big:
+        rows += big_user_targets(big)
     held = service_connections(results)
     if held is not None:
         rows.append([
             f"Postgres connections held by the service: at most 1 + pool size ({1 + POOL_SIZE})",
             f"{held} at most, over every service phase",
             _verdict(held <= 1 + POOL_SIZE),
+        ])  # fmt: skip
+    return rows
+
+
+def big_user_targets(big: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    n = big["rows"]
+    limit_s = n / TARGET_BIG_ROWS_PER_S
+    for key, label in BIG_VARIANTS:
+        v = big.get(key)
+        if not v:
+            continue
+        name = f"{n:,}-row user, {label}"
+        seconds = v["seconds"]
+        rows.append([
+            f"{name}: within {limit_s:.1f} s ({TARGET_BIG_ROWS_PER_S:,.0f} rows/s)",
+            f"{_n(seconds, 2)} s = {_n(v['rows_per_s'])} rows/s",
+            _verdict(seconds is not None and seconds <= limit_s),
+        ])  # fmt: skip
+        rows.append([
+            f"{name}: the service's peak RSS growth under {TARGET_BIG_RSS_MB:.0f} MB",
+            f"+{_n(v['rss_peak_growth_mb'], 1)} MB",
+            _verdict(v["rss_peak_growth_mb"] < TARGET_BIG_RSS_MB),
+        ])  # fmt: skip
+        other = v["other"]
+        rows.append([
+            f"{name}: another user's p99 under {TARGET_BIG_P99_MS:.0f} ms meanwhile",
+            f"{_ms(other['p99_ms'])} ms (max {_ms(other['max_ms'])}, {other['commits']} "
+            f"commits, {other['lost']} lost)",
+            _verdict(other["p99_ms"] < TARGET_BIG_P99_MS and other["lost"] == 0),
+        ])  # fmt: skip
+        at_synced = v["updates_at_synced"] if key != "recovery" else v["updates"]
+        rows.append([
+            f"{name}: every row once, then `synced`" if key != "recovery"
+            else f"{name}: every row, on the open stream",
+            f"{v['rows_received']:,} rows in {_n(at_synced)} file-update events, "
+            f"{v['reconnects']} reconnects ({v['ended']})",
+            _verdict(v["whole"]),
+        ])  # fmt: skip
+    stalled = big.get("stalled")
+    if stalled:
+        rows.append([
+            f"{n:,}-row user, a snapshot whose client stops reading: memory held under "
+            f"{TARGET_BIG_RSS_MB:.0f} MB",
+            f"+{_n(stalled['rss_held_mb'], 1)} MB after {stalled['stall_s']:.0f} s "
+            f"(peak +{_n(stalled['rss_peak_growth_mb'], 1)} MB)",
+            _verdict(stalled["rss_held_mb"] < TARGET_BIG_RSS_MB),
+        ])  # fmt: skip
+        probe = stalled["probe_s"]
+        rows.append([
+            f"{n:,}-row user, {stalled['stalled_streams']} snapshots whose client stops reading: "
+            "another user's snapshot still opens",
+            "no `synced` within 10 s" if probe is None else f"`synced` in {probe:.2f} s",
+            _verdict(probe is not None),
         ])  # fmt: skip
     return rows
 
@@ -321,6 +386,124 @@ def writer_section(writer: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _other(o: dict[str, Any]) -> str:
+    return (
+        f"{_ms(o['p50_ms'])} / {_ms(o['p99_ms'])} / {_ms(o['max_ms'])} ms "
+        f"({o['commits']} commits, {o['lost']} lost)"
+    )
+
+
+def big_user_section(big: dict[str, Any]) -> list[str]:
+    n = big["rows"]
+    lines = [
+        "## 5. A user with many rows beside everyone else",
+        "",
+        f"One user with {n:,} rows (a 200-byte `error_message` each, {big['row_bytes']} bytes "
+        f"of JSON per row), inserted by the table's owner in one statement "
+        f"({big['import_s']:.1f} s). Meanwhile another user's stream is live and one of its "
+        f"rows is updated every {1000 / big['rate']:.0f} ms, one row per commit. Each variant "
+        "runs against a fresh service. *Seconds*: the big user's request to `synced` (for the "
+        "recovery: from the service's LISTEN being back to the last row at the open stream). "
+        "*RSS*: the service's peak over its RSS just before, sampled every 10 ms. "
+        "*Other user*: p50 / p99 / max from the midpoint of COMMIT to the event parsed, "
+        "over the same span.",
+        "",
+    ]
+    rows = []
+    for key, _ in BIG_VARIANTS:
+        v = big.get(key)
+        if not v:
+            continue
+        rows.append([
+            key, _n(v["seconds"], 2), _n(v["rows_per_s"]), _n(v["first_byte_s"], 2),
+            f"+{_n(v['rss_peak_growth_mb'], 1)}", _other(v["other"]),
+            f"{v['rows_received']:,}", str(v["reconnects"]), "yes" if v["whole"] else "no",
+            _n(v["server_cpu_s"], 1), _cpu(v["machine"]["others_pct"]),
+        ])  # fmt: skip
+    lines += _table(
+        ["variant", "seconds", "rows/s", "first byte s", "RSS MB", "other user", "rows",
+         "reconnects", "whole", "server CPU s", "others' CPU"],
+        rows,
+    )  # fmt: skip
+    lines += [
+        "",
+        "*first byte*: the response's head (the service sends it with the first batch). "
+        "*whole*: every row exactly once as `file-update`, then `synced`, nothing else, on "
+        "the one stream. *others' CPU*: share of the machine used by processes not of this "
+        "run, meanwhile.",
+    ]
+    resume = big.get("resume")
+    if resume and "other_during_update" in resume:
+        lines += [
+            "",
+            f"Resume: the {n:,} rows were updated in one transaction ({resume['update_s']:.1f} "
+            "s); the service received a notification for each (their owner had no stream "
+            f"open) and took {resume['notifications_s']:.1f} s to be done with them. The other "
+            f"user meanwhile: {_other(resume['other_during_update'])}"
+            + (
+                f" (at a bare LISTEN beside the service: {_other(resume['floor_during_update'])})"
+                if "floor_during_update" in resume
+                else ""
+            )
+            + "; the service's listener "
+            f"reconnected {resume['metrics'].get('listener_reconnects', 0):.0f} times (a "
+            "commit it missed reaches the stream as the row's latest state, its recovery: "
+            "counted here as lost).",
+        ]
+    recovery = big.get("recovery")
+    if recovery:
+        lines += [
+            "",
+            f"Recovery: the LISTEN connection was terminated and the database refused new "
+            f"connections for {recovery['outage_s']:.1f} s while the {n:,} rows were updated "
+            f"in one transaction ({recovery['update_s']:.1f} s). The listener was back "
+            f"{_n(recovery['relisten_s'], 2)} s after the database (its reconnect backoff); "
+            f"from the database back to the last row: {_n(recovery['from_open_s'], 2)} s. "
+            "The other "
+            "user's commits while it was down reached its stream as the row's latest state "
+            "(a catch-up sends rows, not changes), so they are left out of its latency; the "
+            f"stream's cuts for not reading: "
+            f"{recovery['metrics'].get('slow_client_disconnects', 0):.0f}.",
+        ]
+    stalled = big.get("stalled")
+    if stalled:
+        probe = stalled["probe_s"]
+        lines += [
+            "",
+            f"Stalled: a snapshot whose client read nothing for {stalled['stall_s']:.0f} s held "
+            f"+{_n(stalled['rss_held_mb'], 1)} MB of the service's RSS; its database "
+            f"transaction had then been open {_n(stalled['transaction_open_s'], 1)} s. With "
+            f"{stalled['stalled_streams']} such streams (the pool's size), another user's "
+            "snapshot got "
+            + ("no `synced` within 10 s" if probe is None else f"`synced` in {probe:.2f} s")
+            + f" and /readyz answered {stalled['readyz']}. Read again, the first stalled "
+            f"stream ended: {stalled['after']} "
+            f"({_n(stalled['updates_at_synced'])} file-update events before it).",
+        ]
+    profile = (resume or {}).get("profile")
+    if profile and "own" in profile:
+        lines += [
+            "",
+            "py-spy on the service as the resume's notifications arrived "
+            f"({profile['busy_pct']:.0f}% of samples with the event loop busy; "
+            + ", ".join(f"[{name}]({name})" for name in profile.get("files", []))
+            + "):",
+            "",
+        ]
+        lines += _table(
+            ["own time", "function"],
+            [[f"{pct:.1f}%", f"`{name}`"] for name, pct in profile["own"][:8]],
+        )
+    logged = [
+        f"- {key}: `{line}`"
+        for key, _ in (*BIG_VARIANTS, ("stalled", ""))
+        for line in big.get(key, {}).get("log", [])
+    ]
+    if logged:
+        lines += ["", "What the service logged (cuts, recoveries, warnings):", "", *logged]
+    return [*lines, ""]
+
+
 def profile_section(fanout: dict[str, Any]) -> list[str]:
     profile = fanout.get("profile")
     if not profile:
@@ -353,6 +536,15 @@ def header(results: dict[str, Any]) -> list[str]:
         "",
         *(
             [
+                f"The service measured is that of another checkout: `{meta['service_code']}` "
+                "(its own migrations, on a fresh database).",
+                "",
+            ]
+            if meta.get("service_code")
+            else []
+        ),
+        *(
+            [
                 "The service was measured from the working tree, with changes not yet "
                 f"committed in: {', '.join(meta['uncommitted'])}.",
                 "",
@@ -370,7 +562,7 @@ def header(results: dict[str, Any]) -> list[str]:
     ]
     shares = [
         f"{name} {results[name]['machine']['others_pct']:.0f}% of the machine"
-        for name in ("latency", "fanout", "capacity", "writer_cost")
+        for name in ("latency", "fanout", "capacity", "writer_cost", "big_user")
         if name in results and "machine" in results[name]
     ]
     if shares:
@@ -421,6 +613,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         plot_rss(results["capacity"], out / "rss.png")
     if "writer_cost" in results:
         lines += writer_section(results["writer_cost"])
+    if "big_user" in results:
+        lines += big_user_section(results["big_user"])
     if "fanout" in results:
         lines += profile_section(results["fanout"])
     lines += method()

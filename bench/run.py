@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import capacity, fanout, latency, report, writer_cost
+from bench import big_user, capacity, fanout, latency, report, writer_cost
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import (
@@ -44,6 +44,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "fanout": fanout.run,
     "capacity": capacity.run,
     "writer_cost": writer_cost.run,
+    "big_user": big_user.run,
 }
 POPULATION = 1000  # users, each with one row: enough for every scenario
 WRITER_CONNECTIONS = 8
@@ -70,29 +71,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-profile", action="store_true", help="skip the py-spy profiles of the service"
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the results")
+    parser.add_argument(
+        "--service-code",
+        type=Path,
+        default=REPO,
+        help="measure the service of another checkout (e.g. a git worktree of an older "
+        "commit): its streamer/, and its own migrations on the fresh database",
+    )
     args = parser.parse_args(argv)
     args.scenarios = [name.strip() for name in args.only.split(",") if name.strip()]
+    args.service_code = args.service_code.resolve()
+    if not (args.service_code / "streamer").is_dir():
+        parser.error(f"--service-code: no streamer/ in {args.service_code}")
     unknown = [name for name in args.scenarios if name not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(unknown)}")
     return args
 
 
-def git_commit() -> str:
+def git_commit(code: Path = REPO) -> str:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
-            cwd=REPO,
+            cwd=code,
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
 
 
-def uncommitted() -> list[str]:
+def uncommitted(code: Path = REPO) -> list[str]:
     """Files of the service with changes not committed: what was measured is the tree."""
     try:
         out = subprocess.run(
@@ -100,7 +111,7 @@ def uncommitted() -> list[str]:
             capture_output=True,
             text=True,
             check=True,
-            cwd=REPO,
+            cwd=code,
         )
     except (OSError, subprocess.CalledProcessError):
         return []
@@ -121,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "commit": git_commit(),
-        "uncommitted": uncommitted(),
+        "commit": git_commit(args.service_code),
+        "uncommitted": uncommitted(args.service_code),
+        "service_code": None if args.service_code == REPO else str(args.service_code),
         "quick": args.quick,
         "fsync": not args.fsync_off,
         "nofile": nofile,
@@ -137,11 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     pg: Postgres | None = None
     try:
         pg = Postgres(fast=args.fsync_off)
-        pg.start()
+        pg.start(args.service_code)
         population = Population.create(pg, POPULATION)
         writer = Writer(pg, population, WRITER_CONNECTIONS, records)
         ctx = Context(
-            pg, population, writer, records, str(args.out), args.quick, not args.no_profile
+            pg,
+            population,
+            writer,
+            records,
+            str(args.out),
+            args.quick,
+            not args.no_profile,
+            args.service_code,
         )
         for name in args.scenarios:
             log(f"{name} ...")

@@ -35,6 +35,7 @@ class Writers:
         self.conns: list[asyncpg.Connection] = []
         self.seq: list[int] = []
         self.task: asyncio.Task[None] | None = None
+        self.end = 0  # CLOCK_MONOTONIC ns: no commit starts after it
         self.runs = 0
         self._reset()
 
@@ -60,6 +61,8 @@ class Writers:
             return {}
         if command == "finish":
             assert self.task is not None
+            if args.get("now"):  # end the run early: no commit starts from now on
+                self.end = now_ns()
             await self.task
             return self._dump()
         if command == "stop":
@@ -73,26 +76,25 @@ class Writers:
     async def _run(self, rate: float | None, seconds: float, rows: int, users: int) -> None:
         """Commit for `seconds` at `rate` commits/s over all connections (None: flat out),
         touching `rows` rows of the first `users` users per commit."""
-        end = now_ns() + int(seconds * 1e9)
+        self.end = now_ns() + int(seconds * 1e9)
         n = len(self.conns)
         interval = None if rate is None else int(n / rate * 1e9)
         rows = max(1, min(rows, users // n))  # the same for every connection
         loops = [
-            self._loop(w, [u for u in range(users) if u % n == w], rows, interval, end)
-            for w in range(n)
+            self._loop(w, [u for u in range(users) if u % n == w], rows, interval) for w in range(n)
         ]
         await asyncio.gather(*loops)
 
-    async def _loop(
-        self, w: int, mine: list[int], rows: int, interval: int | None, end: int
-    ) -> None:
+    async def _loop(self, w: int, mine: list[int], rows: int, interval: int | None) -> None:
         conn = self.conns[w]
         rng = random.Random(w)
         next_at = now_ns() + rng.randrange(interval or 1)  # connections out of phase
-        while (t := now_ns()) < end:
+        while (t := now_ns()) < self.end:
             if interval is not None:
                 if next_at > t:
                     await asyncio.sleep((next_at - t) / 1e9)
+                    if now_ns() >= self.end:
+                        break
                 next_at = max(next_at + interval, now_ns() - CATCH_UP_SLACK_NS)
             chosen = rng.sample(mine, rows)
             seq = self.seq[w] = self.seq[w] + 1

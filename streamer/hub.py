@@ -330,12 +330,17 @@ class Hub:
             self._truncated(feed, cursor)
             return
         assert change.owner is not None
+        # Most changes are of owners this process has no stream of: nothing is encoded then.
         if change.op == "d":
-            self._publish((name, change.owner), self._gone(feed, change.row_id, change.xid), skip)
+            if (name, change.owner) in self._by_key:
+                gone = self._gone(feed, change.row_id, change.xid)
+                self._publish((name, change.owner), gone, skip)
             return
-        if change.old_owner is not None and change.old_owner != change.owner:
-            gone = self._gone(feed, change.row_id, change.xid)
-            self._publish((name, change.old_owner), gone, skip)
+        moved_from = change.old_owner if change.old_owner != change.owner else None
+        if moved_from is not None and (name, moved_from) in self._by_key:
+            self._publish((name, moved_from), self._gone(feed, change.row_id, change.xid), skip)
+        if (name, change.owner) not in self._by_key:
+            return
         if current is None or current.owner != change.owner or current.version != change.version:
             return
         update = envelope(

@@ -100,6 +100,20 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> str:
     return await sub.ended
 
 
+async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+    """Write and wait until the client took it, within the write timeout: a client that
+    stops reading during a catch-up must not hold a pooled connection and its snapshot for
+    ever. It is cut, as a live stream would be, and resumes from its cursor."""
+    try:
+        async with asyncio.timeout(request.app[keys.SETTINGS].write_timeout_seconds):
+            await response.write(data)
+    except TimeoutError:
+        request.app[keys.METRICS].slow_disconnects.inc()
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("the client stopped reading during a catch-up") from None
+
+
 async def _write_since(
     request: web.Request,
     response: web.StreamResponse | None,
@@ -128,7 +142,8 @@ async def _write_since(
                 await response.write(frame(ResetEvent(timestamp=now())))
             while part is not None:
                 stamp = timestamp_now()
-                await response.write(b"".join(feed.frame(i, cursor, stamp) for i in part.items))
+                data = b"".join(feed.frame(i, cursor, stamp) for i in part.items)
+                await _send(request, response, data)
                 part = await anext(batches, None)
             return response, read.snapshot
     except DB_ERRORS as exc:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench import sources
+
 POOL_SIZE = 4  # the service's default STREAMER_POOL_SIZE
 TARGET_LATENCY_RATIO = 1.5
 TARGET_P99_MS = 5.0
@@ -19,6 +21,7 @@ TARGET_FANOUT_P99_MS = 100.0
 TARGET_STREAMS = 10_000
 TARGET_KB_PER_STREAM = 16.0
 TARGET_WRITER_RATIO = 0.95
+TARGET_WAL_WRITER_RATIO = 0.85  # STREAMER_SOURCE=wal: of the TPS with no trigger at all
 MAX_CONNECTIONS = 500
 TARGET_BIG_ROWS_PER_S = 33_000.0  # 200,000 rows in 6 s
 TARGET_BIG_RSS_MB = 100.0
@@ -140,6 +143,14 @@ def targets(results: dict[str, Any]) -> list[list[str]]:
                     f"{_n(w['bare']['tps'])} TPS)",
                     _verdict(w["feed_vs_bare"] >= TARGET_WRITER_RATIO),
                 ])  # fmt: skip
+                if "wal_vs_none" in w:
+                    rows.append([
+                        f"writer cost ({label}): with STREAMER_SOURCE=wal the feed keeps "
+                        f"{TARGET_WAL_WRITER_RATIO:.0%} or more of the no-trigger TPS",
+                        f"{w['wal_vs_none']:.1%} ({_n(w['wal']['tps'])} vs "
+                        f"{_n(w['none']['tps'])} TPS)",
+                        _verdict(w["wal_vs_none"] >= TARGET_WAL_WRITER_RATIO),
+                    ])  # fmt: skip
     big = results.get("big_user")
     if big:
         rows += big_user_targets(big)
@@ -361,7 +372,9 @@ def writer_section(writer: dict[str, Any]) -> list[str]:
         f"pgbench, {writer['clients']} clients, single-row `update files set progress = "
         f"(random()*100)::int where id = :id` over {writer['rows']:,} rows; "
         "the configurations take turns in short runs, in alternating order, while a bare "
-        "LISTEN drains the channel. TPS and latency: the median run of each configuration.",
+        "LISTEN drains the channel (and with wal, one or four WAL sources read, each with "
+        "its own walsender, as that many service processes would). TPS and latency: the "
+        "median run of each configuration; a walsender's CPU is of one core.",
         "",
     ]
     rows = []
@@ -370,19 +383,27 @@ def writer_section(writer: dict[str, Any]) -> list[str]:
             continue
         w = writer[key]
         for config, name in (
-            ("feed", "feed triggers"),
+            ("feed", "feed triggers, notify"),
+            ("wal", "feed triggers, wal (1 reader)"),
+            ("wal4", "feed triggers, wal (4 readers)"),
             ("bare", "bare pg_notify"),
             ("none", "no notify trigger"),
         ):
+            if config not in w:
+                continue
             runs = ", ".join(_n(t) for t in w[config]["runs_tps"])
+            walsender = w[config].get("walsender_cpu_pct")
             rows.append([
                 label, name, _n(w[config]["tps"]), runs, _ms(w[config]["latency_ms"]),
                 f"{w[config]['tps'] / w['bare']['tps']:.1%}",
                 f"{w[config]['tps'] / w['none']['tps']:.1%}",
+                "" if walsender is None else f"{walsender:.0f}%",
             ])  # fmt: skip
     lines += _table(
-        ["Postgres", "triggers", "TPS", "runs", "latency ms", "vs bare", "vs none"], rows
-    )
+        ["Postgres", "triggers", "TPS", "runs", "latency ms", "vs bare", "vs none",
+         "CPU per walsender"],
+        rows,
+    )  # fmt: skip
     return [*lines, ""]
 
 
@@ -613,6 +634,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         plot_rss(results["capacity"], out / "rss.png")
     if "writer_cost" in results:
         lines += writer_section(results["writer_cost"])
+    if "sources" in results:
+        lines += sources.section(results["sources"], _table, _ms, _n)
     if "big_user" in results:
         lines += big_user_section(results["big_user"])
     if "fanout" in results:

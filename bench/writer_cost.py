@@ -1,33 +1,49 @@
-"""Scenario 4: what the feed costs a writer. pgbench, 4 clients, single-row UPDATEs over
-1,000 rows, with three sets of triggers on `files`:
+"""Scenario 4: what the feed costs a writer, with either change source. pgbench, 4 clients,
+single-row UPDATEs over 1,000 rows, with these triggers on `files`:
 
-- feed:  the feed's own (version stamp BEFORE, tombstone + NOTIFY with the row AFTER);
+- feed:  the feed's own, STREAMER_SOURCE=notify (version stamp BEFORE, tombstone + signed
+         NOTIFY with the row AFTER);
+- wal:   the feed's own, STREAMER_SOURCE=wal (the same, the payload written as a
+         transactional logical message), read meanwhile by one WAL source as a service
+         process reads it: its own temporary slot and walsender;
+- wal4:  the same read by four WAL sources (four service processes: four walsenders, each
+         decoding all of the WAL);
 - bare:  the feed's dropped, replaced by a one-line `pg_notify(channel, id)` AFTER trigger;
 - none:  no notify trigger at all.
 
-The table's own `updated_at` trigger stays in all three. One bare LISTEN connection drains
-the channel throughout, as the service would. Configurations run in the order
-feed, bare, none, none, bare, feed (half the time each), so that a drift of the machine
-over the run weighs on all three alike. With fsync on, and again with it off.
+The table's own `updated_at` trigger stays in all of them, and the server has
+wal_level = logical in all of them (the embedded server's default). One bare LISTEN
+connection drains the channel throughout, as a NOTIFY service would. Configurations run in
+alternating order (half the rounds each way), so that a drift of the machine over the run
+weighs on all alike. The walsenders' CPU is read from /proc: what each service process of
+the WAL source costs the server at that commit rate. With fsync on, and again with it off.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from bench.harness import DATABASE, Postgres
+import asyncpg
+
+from bench.harness import DATABASE, Postgres, cpu_seconds
 from bench.load import Context, Receivers
+from streamer.sources.wal import WalSource
 
 ROWS = 1000
 CLIENTS = 4
-CONFIGS = ("feed", "bare", "none")
+CONFIGS = ("feed", "wal", "wal4", "bare", "none")
+WAL_READERS = {"wal": 1, "wal4": 4}  # WAL sources reading during the run
 ROUNDS = 5
 ROW_ID = "('00000000-0000-0000-0000-' || lpad(:n::text, 12, '0'))::uuid"
 SCRIPT = f"""\\set n random(1, {ROWS})
@@ -68,7 +84,9 @@ def configure(pg: Postgres, config: str) -> None:
         conn.execute("drop trigger if exists bench_bare_notify on files")
         for statement in DROP_FEED:
             conn.execute(statement)
-        if config == "feed":
+        if config in ("feed", "wal", "wal4"):
+            source = "notify" if config == "feed" else "wal"
+            conn.execute("select streamer.use_source(%s)", (source,))
             conn.execute(ENABLE_FILES)
         elif config == "bare":
             conn.execute(BARE_NOTIFY)
@@ -88,6 +106,76 @@ def seed(pg: Postgres) -> None:
             f"on conflict (id) do nothing"
         )
         conn.execute("vacuum analyze files")
+
+
+class WalReaders:
+    """`count` WAL sources (streamer/sources/wal.py) reading on an event loop of their own,
+    as `count` service processes would, each with its own slot and walsender; what they
+    receive is counted and dropped."""
+
+    def __init__(self, pg: Postgres, count: int) -> None:
+        self.dsn = pg.dsn("bench-wal-reader")
+        self.count = count
+        self.received = 0
+        self.walsenders: list[int] = []
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="wal-readers", daemon=True)
+
+    def _receive(self, _payload: str) -> None:
+        self.received += 1
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._read())
+        except BaseException as exc:  # reported by start()
+            self._failed = exc
+            self._ready.set()
+
+    async def _read(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        sources = [WalSource(self.dsn, cast(asyncpg.Pool, None)) for _ in range(self.count)]
+        try:
+            for source in sources:
+                await source.connect(self._receive)
+                assert source.pid is not None
+                self.walsenders.append(source.pid)
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            for source in sources:
+                await source.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait(60)
+        if self._failed is not None:
+            raise RuntimeError(f"WAL readers failed: {self._failed!r}")
+
+    def cpu(self) -> float:
+        """CPU seconds the walsenders have used so far."""
+        return sum(cpu_seconds(pid) for pid in self.walsenders)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+
+@contextlib.contextmanager
+def reading(pg: Postgres, config: str) -> Iterator[WalReaders | None]:
+    count = WAL_READERS.get(config, 0)
+    if not count:
+        yield None
+        return
+    readers = WalReaders(pg, count)
+    readers.start()
+    try:
+        yield readers
+    finally:
+        readers.stop()
 
 
 def pgbench(pg: Postgres, script: Path, seconds: float) -> dict[str, float]:
@@ -131,7 +219,14 @@ def measure(pg: Postgres, script: Path, seconds: float) -> dict[str, Any]:
     for round_ in range(ROUNDS):
         for config in CONFIGS if round_ % 2 == 0 else tuple(reversed(CONFIGS)):
             configure(pg, config)
-            runs[config].append(pgbench(pg, script, seconds / ROUNDS))
+            with reading(pg, config) as readers:
+                cpu0, t0 = (readers.cpu() if readers else 0.0), time.monotonic()
+                run = pgbench(pg, script, seconds / ROUNDS)
+                if readers is not None:
+                    # Of one core, per walsender: what each service process costs Postgres.
+                    busy = (readers.cpu() - cpu0) / (time.monotonic() - t0) / readers.count
+                    run["walsender_cpu_pct"] = 100 * busy
+            runs[config].append(run)
     out: dict[str, Any] = {}
     for config, parts in runs.items():
         out[config] = {
@@ -139,9 +234,17 @@ def measure(pg: Postgres, script: Path, seconds: float) -> dict[str, Any]:
             "latency_ms": round(statistics.median(p["latency_ms"] for p in parts), 3),
             "runs_tps": [round(p["tps"]) for p in parts],
         }
+        if config in WAL_READERS:
+            cpu = statistics.median(p["walsender_cpu_pct"] for p in parts)
+            out[config]["walsender_cpu_pct"] = round(cpu, 1)
+            # At this commit rate; a walsender's work grows with the WAL written.
+            out[config]["walsender_cpu_pct_per_1000_tps"] = round(
+                1000 * cpu / out[config]["tps"], 2
+            )
+    for config in ("feed", "wal", "wal4", "bare"):
+        out[f"{config}_vs_none"] = round(out[config]["tps"] / out["none"]["tps"], 3)
     out["feed_vs_bare"] = round(out["feed"]["tps"] / out["bare"]["tps"], 3)
-    out["feed_vs_none"] = round(out["feed"]["tps"] / out["none"]["tps"], 3)
-    out["bare_vs_none"] = round(out["bare"]["tps"] / out["none"]["tps"], 3)
+    out["wal_vs_feed"] = round(out["wal"]["tps"] / out["feed"]["tps"], 3)
     return out
 
 
@@ -166,6 +269,6 @@ def run(ctx: Context) -> dict[str, Any]:
                     finally:
                         set_fsync(ctx.pg, on=True)
         finally:
-            configure(ctx.pg, "feed")
+            configure(ctx.pg, "feed")  # and the source back to notify
             drain.stop()
     return results

@@ -88,7 +88,7 @@ def demo_user(settings: Settings) -> uuid.UUID:
 
 def run_demo(settings: Settings) -> int:
     with Database.from_settings(settings) as database:
-        migrate(database.dsn)
+        migrate(database.dsn, settings.source if settings.source_given else None)
         user = demo_user(settings)
         print(
             f"\nstreamer demo: open http://{settings.host}:{settings.port}/demo/ "

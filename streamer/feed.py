@@ -435,6 +435,17 @@ async def catch_up(
         return CatchUp(read.snapshot, read.reset, items)
 
 
+async def visible(conn: asyncpg.Connection, xid: int) -> None:
+    """Wait until the committed transaction `xid` is visible to new snapshots. A commit can
+    arrive from the WAL a moment before it is: its session leaves the proc array after the
+    commit is flushed (after a synchronous standby's answer, when there is one)."""
+    query = "select pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot())"
+    for _ in range(5000):  # at least 5 s, then read anyway
+        if await conn.fetchval(query, str(xid)):
+            return
+        await asyncio.sleep(0.001)
+
+
 async def fetch_row(conn: asyncpg.Connection | asyncpg.Pool, feed: Feed, row_id: str) -> Row | None:
     record = await conn.fetchrow(feed.select(f"r.id = $1::text::{feed.id_type}"), row_id)
     return None if record is None else Row.of(record)

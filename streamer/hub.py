@@ -201,6 +201,8 @@ class Hub:
         # Every change not yet dispatched was made by a transaction with id >= watermark.
         # Transaction ids are database-wide: one watermark serves every feed.
         self.watermark = 0
+        # feed -> the transaction of its last TRUNCATE: a stream's fresh snapshot must see it
+        self.truncated_by: dict[str, int] = {}
 
     @property
     def cursor(self) -> str:
@@ -327,6 +329,7 @@ class Hub:
         cursor = self.cursor
         name = feed.name
         if change.op == "t":
+            self.truncated_by[name] = change.xid
             self._truncated(feed, cursor)
             return
         assert change.owner is not None

@@ -16,7 +16,15 @@ from aiohttp import HttpVersion11, web
 from streamer import keys
 from streamer.auth import Principal
 from streamer.errors import InvalidParameter, NotFound, Unavailable
-from streamer.feed import Feed, Row, Snapshot, current_snapshot, parse_cursor, read_since
+from streamer.feed import (
+    Feed,
+    Row,
+    Snapshot,
+    current_snapshot,
+    parse_cursor,
+    read_since,
+    visible,
+)
 from streamer.hub import Subscriber, envelope
 from streamer.sse import (
     ResetEvent,
@@ -128,24 +136,26 @@ async def _write_since(
     is one batch however many rows the caller has. Opens the response once the first batch
     is in (a database that cannot be read is a 503 then, not a broken stream)."""
     try:
-        async with (
-            request.app[keys.POOL].acquire() as conn,
-            read_since(conn, feed, [owner], since) as read,
-        ):
-            resumed = since is not None and not read.reset
-            cursor = str(since) if resumed else SNAPSHOT_CURSOR
-            batches = read.batches()
-            part = await anext(batches, None)
-            if response is None:
-                response = await _open(request)
-            if reset or read.reset:
-                await response.write(frame(ResetEvent(timestamp=now())))
-            while part is not None:
-                stamp = timestamp_now()
-                data = b"".join(feed.frame(i, cursor, stamp) for i in part.items)
-                await _send(request, response, data)
+        async with request.app[keys.POOL].acquire() as conn:
+            truncated_by = request.app[keys.HUB].truncated_by.get(feed.name)
+            if reset and truncated_by is not None:
+                # From the WAL the TRUNCATE can come a moment before a snapshot sees it.
+                await visible(conn, truncated_by)
+            async with read_since(conn, feed, [owner], since) as read:
+                resumed = since is not None and not read.reset
+                cursor = str(since) if resumed else SNAPSHOT_CURSOR
+                batches = read.batches()
                 part = await anext(batches, None)
-            return response, read.snapshot
+                if response is None:
+                    response = await _open(request)
+                if reset or read.reset:
+                    await response.write(frame(ResetEvent(timestamp=now())))
+                while part is not None:
+                    stamp = timestamp_now()
+                    data = b"".join(feed.frame(i, cursor, stamp) for i in part.items)
+                    await _send(request, response, data)
+                    part = await anext(batches, None)
+                return response, read.snapshot
     except DB_ERRORS as exc:
         if response is None or not response.prepared:
             raise Unavailable("The database is not reachable; retry shortly.") from exc

@@ -7,21 +7,25 @@ line."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import cast
 
 import asyncpg
 import psycopg
 import pytest
 from psycopg import sql
 
+import streamer.app as app_module
 from streamer import keys
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
+from streamer.sources import wal as wal_module
 from streamer.sources.wal import WalSource
 from tests.conftest import (
     SECRET,
@@ -58,7 +62,11 @@ def wal_url(postgres: PostgresServer, template: str) -> Iterator[str]:
 
 
 @pytest.fixture
-async def wal_service(wal_url: str) -> AsyncIterator[Service]:
+async def wal_service(wal_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Service]:
+    """A service with the WAL source, pinging every 50 ms (every 5 s by default): a test
+    sees at once what a ping does (confirm positions, find a connection half-open)."""
+    quick = functools.partial(WalSource, ping_interval=0.05, ping_timeout=1.0)
+    monkeypatch.setattr(app_module, "WalSource", quick)
     service = await start_service(wal_url, source="wal")
     yield service
     await stop_service(service)
@@ -137,7 +145,7 @@ def owned_database(postgres: PostgresServer) -> Iterator[str]:
     """A database migrated for wal by a role that owns it and has no other right: not a
     superuser, not allowed to replicate."""
     with postgres.admin() as admin:
-        if not admin.execute("select from pg_roles where rolname = %s", (OWNER,)).fetchone():
+        if not admin.execute("select 1 from pg_roles where rolname = %s", (OWNER,)).fetchone():
             admin.execute(
                 sql.SQL("create role {} login password 'owner'").format(sql.Identifier(OWNER))
             )
@@ -210,8 +218,7 @@ async def test_a_row_of_a_megabyte_travels_inline_with_no_read_back(
 async def test_a_running_process_confirms_what_it_read_so_postgres_keeps_no_wal_for_it(
     wal_service: Service, wal_url: str, user: uuid.UUID
 ):
-    source = wal_source(wal_service)
-    source.ping_interval = 0.05  # each ping also reports how far it has read
+    source = wal_source(wal_service)  # each ping also reports how far it has read
     db = await asyncpg.connect(wal_url)
     try:
         assert source.slot is not None
@@ -238,7 +245,6 @@ async def test_a_replication_connection_that_stops_answering_is_replaced_and_not
     if postgres.embedded is None:
         pytest.skip("DATABASE_URL given: its server's processes are not ours to stop")
     source, dispatcher = wal_source(wal_service), wal_service.app[keys.DISPATCHER]
-    source.ping_interval, source.ping_timeout = 0.05, 0.5
     db = await asyncpg.connect(wal_url)
     stalled = source.pid
     assert stalled is not None
@@ -335,3 +341,25 @@ async def test_a_commit_that_a_crash_takes_back_was_never_sent(tmp_path: Path, u
             await stop_service(service)
     finally:
         await asyncio.to_thread(server.destroy)
+
+
+async def test_a_writer_idle_in_a_transaction_delays_the_start_and_the_log_says_why(
+    wal_url: str, user: uuid.UUID, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    monkeypatch.setattr(wal_module, "SLOW_SLOT", 0.05)
+    writer = await asyncpg.connect(as_writer(wal_url))
+    idle = writer.transaction()
+    await idle.start()
+    await insert_file(writer, user, "left-open.pdf")  # holds a transaction id
+    source = WalSource(wal_url, cast(asyncpg.Pool, None))
+    connecting = asyncio.create_task(source.connect(lambda _payload: None))
+    try:
+        await wait_until(lambda: any("waits for the transactions" in m for m in caplog.messages))
+        assert not connecting.done()
+        await idle.commit()
+        await asyncio.wait_for(connecting, 10)
+        assert source.slot is not None
+    finally:
+        connecting.cancel()
+        await source.close()
+        await writer.close()

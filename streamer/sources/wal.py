@@ -6,14 +6,15 @@ psycopg2, because asyncpg and psycopg 3 cannot speak the replication protocol. I
 connection is asynchronous and read from the event loop (`add_reader` + `read_message`),
 with no thread. The slot is TEMPORARY: it dies with its connection, so Postgres never
 keeps WAL for a process that is gone; after a reconnect the dispatcher catches streams up
-from their cursors, as after a LISTEN reconnect. Every message received is confirmed as
-flushed, so a long-running process holds no WAL either.
+from their cursors, as after a LISTEN reconnect. Every transaction handed on is confirmed
+as flushed, so a long-running process holds no WAL either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import struct
@@ -26,8 +27,11 @@ from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
 
 from streamer.feed import CHANNEL
 
+log = logging.getLogger(__name__)
 PREFIX = CHANNEL.encode()  # the logical messages' prefix, as the channel is NOTIFY's
 BURST = 500  # messages read per wake-up before letting the event loop run others
+SLOW_SLOT = 5.0  # seconds: then say why the start waits
+_MESSAGE, _COMMIT = ord("M"), ord("C")  # pgoutput's message types (and B(egin), ...)
 _TRANSACTIONAL = 1
 _LENGTH = struct.Struct("!i")
 
@@ -86,8 +90,18 @@ class WalSource:
         cursor.execute(
             f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"
         )
-        async with asyncio.timeout(self.slot_timeout):
-            await _completed(conn)
+        creating = asyncio.ensure_future(_completed(conn))
+        try:
+            async with asyncio.timeout(self.slot_timeout):
+                if not (await asyncio.wait({creating}, timeout=SLOW_SLOT))[0]:
+                    log.warning(
+                        "replication slot %s waits for the transactions open when it was"
+                        " created to end (a writer idle in a transaction?)",
+                        slot,
+                    )
+                await creating
+        finally:
+            creating.cancel()
         self.slot = slot
         # Only messages: the publication is empty, and pgoutput sends the transactional
         # ones in commit order, between the BEGIN and COMMIT of their transaction.
@@ -112,9 +126,16 @@ class WalSource:
                 message = cursor.read_message()
                 if message is None:
                     return
-                self._message(message.payload)
-                # Confirmed as soon as handed on: the slot dies with the connection, so
-                # there is no position to resume from, and none to keep WAL for.
+                payload = message.payload
+                kind = payload[0]
+                if kind == _MESSAGE:
+                    if self._message(payload):
+                        continue
+                elif kind != _COMMIT:
+                    continue
+                # The end of a transaction (or a message outside any), handed on: confirmed
+                # at once. The slot dies with the connection, so there is no position to
+                # resume from, and no WAL to keep for one.
                 cursor.send_feedback(flush_lsn=message.data_start)  # type: ignore[no-untyped-call]
             # More may wait in libpq's buffer, where the socket's readiness cannot tell.
             asyncio.get_running_loop().call_soon(self._read, cursor)
@@ -122,18 +143,20 @@ class WalSource:
             self._failure = exc
             self._lost.set()
 
-    def _message(self, payload: bytes) -> None:
-        """A pgoutput message: only 'M' (a logical message) with the feed's prefix matters.
-        Its layout: 'M', flags (1: transactional), LSN (8 bytes), prefix and a zero byte,
-        length (4 bytes), content."""
-        if payload[:1] != b"M" or not payload[1] & _TRANSACTIONAL:
-            return  # BEGIN, COMMIT, or a message outside any transaction's order
+    def _message(self, payload: bytes) -> bool:
+        """A logical message ('M'); True when it is part of a transaction. Only those with
+        the feed's prefix are handed on: others are another tool's, and one outside any
+        transaction is not in commit order (the triggers write none). Its layout: 'M',
+        flags (1: transactional), LSN (8 bytes), prefix and a zero byte, length (4 bytes),
+        content."""
+        if not payload[1] & _TRANSACTIONAL:
+            return False
         end = payload.index(0, 10)
-        if payload[10:end] != PREFIX:
-            return
-        (length,) = _LENGTH.unpack_from(payload, end + 1)
-        start = end + 1 + _LENGTH.size
-        self._receive(payload[start : start + length].decode(self._encoding))
+        if payload[10:end] == PREFIX:
+            (length,) = _LENGTH.unpack_from(payload, end + 1)
+            start = end + 1 + _LENGTH.size
+            self._receive(payload[start : start + length].decode(self._encoding))
+        return True
 
     async def mark(self, payload: str) -> None:
         await self.pool.execute("select pg_logical_emit_message(true, $1, $2)", CHANNEL, payload)

@@ -66,6 +66,7 @@ def streamer(*args: str, **variables: str) -> subprocess.CompletedProcess[str]:
         ("STREAMER_MAX_STREAMS_PER_USER", "0"),
         ("STREAMER_LOG_FORMAT", "xml"),
         ("STREAMER_JWKS_URL", "jwks.json"),
+        ("STREAMER_SOURCE", "kafka"),
         ("DATABASE_URL", "host=localhost dbname=files"),
     ],
 )

@@ -113,15 +113,6 @@ def test_migrate_with_a_source_switches_every_feeds_triggers_and_says_so(databas
     assert "pg_notify('streamer'" in body and "pg_logical_emit_message" not in body
 
 
-def test_an_unknown_source_stops_start_up_with_one_line_naming_it():
-    result = streamer(
-        "migrate", DATABASE_URL="postgresql://nobody@127.0.0.1:1/x", STREAMER_SOURCE="kafka"
-    )
-    assert result.returncode == 2
-    [line] = result.stderr.splitlines()
-    assert "STREAMER_SOURCE" in line and "'wal'" in line
-
-
 # -- start-up lines ---------------------------------------------------------------------
 
 

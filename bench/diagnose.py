@@ -18,10 +18,8 @@ import asyncio
 import contextlib
 import gc
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import SECRET, Postgres, cleanup, rss_bytes
 from bench.load import Population, Receivers, plan
-from bench.writer_cost import ENABLE_FILES, SCRIPT, configure, seed
+from bench.writer_cost import ENABLE_FILES, SCRIPT, configure, pgbench, seed
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.embedded import _free_port
@@ -222,17 +220,7 @@ def triggers(seconds: float, rounds: int) -> None:
         for round_ in range(rounds):
             for name in names if round_ % 2 == 0 else reversed(names):
                 _set_variant(pg, name)
-                with pg.connect() as conn:
-                    conn.execute("checkpoint")
-                command = [
-                    str(pg.pgbench()), "-h", "127.0.0.1", "-p", str(pg.server.port),
-                    "-U", "postgres", "-n", "-c", "4", "-j", "2", "-T", str(int(seconds)),
-                    "-M", "prepared", "-f", str(script), "bench",
-                ]  # fmt: skip
-                out = subprocess.run(command, capture_output=True, text=True, check=True)
-                found = re.search(r"tps = ([\d.]+) \(without", out.stdout)
-                assert found is not None, out.stdout
-                runs[name].append(float(found.group(1)))
+                runs[name].append(pgbench(pg, script, seconds)["tps"])
                 print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
         bare = statistics.median(runs["bare"])
         print("\nmedian TPS, and against the bare one-line pg_notify:")

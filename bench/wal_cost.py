@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import shutil
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from bench.clients import scratch_dir
 from bench.harness import Postgres, cleanup, install_signal_handlers
-from bench.writer_cost import ENABLE_FILES, SCRIPT, WalReaders, configure, seed
+from bench.writer_cost import ENABLE_FILES, SCRIPT, WalReaders, configure, pgbench, seed
 
 EMIT = "perform pg_logical_emit_message(true, 'streamer', new.id::text);"
 PUBLICATION_HAS_FILES = (
@@ -206,18 +205,8 @@ def run(seconds: int, rounds: int, parts: bool = False) -> None:
             for name in names if round_ % 2 == 0 else reversed(names):
                 set_up, kind = variants[name]
                 set_up(pg)
-                with pg.connect() as conn:
-                    conn.execute("checkpoint")
                 with reader(pg, kind):
-                    command = [
-                        str(pg.pgbench()), "-h", "127.0.0.1", "-p", str(pg.server.port),
-                        "-U", "postgres", "-n", "-c", "4", "-j", "2", "-T", str(seconds),
-                        "-M", "prepared", "-f", str(script), "bench",
-                    ]  # fmt: skip
-                    out = subprocess.run(command, capture_output=True, text=True, check=True)
-                found = re.search(r"tps = ([\d.]+) \(without", out.stdout)
-                assert found is not None, out.stdout
-                runs[name].append(float(found.group(1)))
+                    runs[name].append(pgbench(pg, script, seconds)["tps"])
                 print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
         none = statistics.median(runs["no trigger"])
         print("\nmedian TPS, and against no trigger:")

@@ -8,11 +8,12 @@ itself and show what changed while the service was down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,10 @@ async def demo(database_url: str) -> AsyncIterator[DemoService]:
     await service.stop()
 
 
-@pytest.fixture
-def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+@contextlib.contextmanager
+def chromium(monkeypatch: pytest.MonkeyPatch, flags: Iterable[str]) -> Iterator[Any]:
+    """Debian's Chromium under its chromedriver, with a profile of its own and the page's
+    console log kept; never a browser or driver selenium would fetch itself."""
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
         pytest.fail(
@@ -124,14 +127,13 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             "Debian's chromium and chromium-driver; `make test` runs it first)",
             pytrace=False,
         )
-    # Never let selenium fetch a browser or a driver of its own.
     monkeypatch.setenv("SE_OFFLINE", "true")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service as DriverService
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
+    for flag in flags:
         options.add_argument(flag)
     profile = tempfile.TemporaryDirectory(prefix="streamer-chromium-")
     options.add_argument(f"--user-data-dir={profile.name}")
@@ -144,6 +146,12 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     finally:
         driver.quit()
         profile.cleanup()
+
+
+@pytest.fixture
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    with chromium(monkeypatch, CHROMIUM_FLAGS) as driver:
+        yield driver
 
 
 class Page:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,7 +26,7 @@ import pytest
 from examples.stack import ROOT, SITE, Ports, Stack
 from tests.conftest import SECRET, insert_file, token_for
 from tests.scrape import eventually, scrape
-from tests.test_browser import CHROMEDRIVER, CHROMIUM, CHROMIUM_FLAGS
+from tests.test_browser import CHROMIUM_FLAGS, chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TABS = 8
@@ -69,28 +67,8 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[Stack]:
 
 @pytest.fixture
 def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: run `make browser-deps`", pytrace=False)
-    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium fetch a browser of its own
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service as DriverService
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in BROWSER_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.TemporaryDirectory(prefix="streamer-chromium-")
-    options.add_argument(f"--user-data-dir={profile.name}")
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(
-        service=DriverService(executable_path=str(CHROMEDRIVER)), options=options
-    )
-    try:
+    with chromium(monkeypatch, BROWSER_FLAGS) as driver:
         yield driver
-    finally:
-        driver.quit()
-        profile.cleanup()
 
 
 class Tabs:

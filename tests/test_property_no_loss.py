@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from streamer import keys
+from streamer.sources.notify import NotifySource
+from streamer.sources.wal import WalSource
 from tests.conftest import (
     SOURCE,
     PostgresServer,
@@ -121,6 +123,14 @@ async def rows_of(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, tuple[in
     return {str(r["id"]): (r["version"], r["progress"], r["status"]) for r in rows}
 
 
+async def wait_live(service: Service, source: NotifySource | WalSource, killed: set[int]) -> None:
+    """Until the change connection is one that was not killed and the dispatcher is live."""
+    dispatcher = service.app[keys.DISPATCHER]
+    async with asyncio.timeout(20):
+        while not dispatcher.ready.is_set() or source.pid is None or source.pid in killed:
+            await asyncio.sleep(0.005)
+
+
 def seen_by(client: Client) -> dict[str, tuple[int, int, str]]:
     return {i: (f["version"], f["progress"], f["status"]) for i, f in client.view.items()}
 
@@ -134,6 +144,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
     clients = [Client(service, u) for u in users]
     files = [await insert_file(db, u, f"{n}.bin") for u in users for n in range(2)]
     source = change_source(service)
+    killed: set[int] = set()
     try:
         for client in clients:
             await client.connect()
@@ -151,6 +162,7 @@ async def scenario(url: str, ops: list[Op]) -> None:
                 await clients[args[0]].connect()
             elif kind == "kill_listener":
                 if source.pid is not None:
+                    killed.add(source.pid)
                     await admin.execute("select pg_terminate_backend($1)", source.pid)
             elif not files:
                 continue
@@ -168,8 +180,9 @@ async def scenario(url: str, ops: list[Op]) -> None:
                     continue  # the second would wait for the first's row lock
                 if SOURCE == "wal":
                     # A WAL source reconnects once the transactions open as it creates its
-                    # slot have ended: this one must not wait on it.
-                    await asyncio.wait_for(service.app[keys.DISPATCHER].ready.wait(), 20)
+                    # slot have ended: this one must not wait on it. Until the service
+                    # notices a kill, it is still ready on the connection that is gone.
+                    await wait_live(service, source, killed)
                 async with db.transaction():
                     await db.execute("update files set progress = 1 where id = $1", first)
                     owner, version = await other.fetchrow(

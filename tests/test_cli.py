@@ -147,11 +147,8 @@ class Serving:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines]
 
-    async def stop(self, *, signalled: bool = False) -> int:
-        """SIGTERM, unless it was sent already (a second one during the shutdown it began
-        could find Python's default handler back, and end the process with -15)."""
-        if not signalled:
-            self.process.send_signal(signal.SIGTERM)
+    async def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(TIMEOUT):
             code = await self.process.wait()
             assert self._reader is not None
@@ -222,7 +219,7 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits_0(database_url, user)
                 # The stream ends with the end of its chunked body: a clean end, not a cut.
                 await response.content.read()
             assert response.content.is_eof()
-        assert await server.stop(signalled=True) == 0
+        assert await server.stop() == 0
         messages = [record["message"] for record in server.records()]
         assert "stopping: ending open streams" in messages
 

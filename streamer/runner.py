@@ -63,10 +63,13 @@ def run_server(settings: Settings, make_app: AppFactory, *, reuse_port: bool = F
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         asyncio.run(_serve(settings, make_app, reuse_port=reuse_port))
-    finally:
-        # A closed loop leaves SIGTERM at its default, death on the spot: what follows
-        # (stopping the embedded Postgres) gets the handler it had before.
+    except BaseException:
+        # What follows (stopping the embedded Postgres) gets the handler it had before.
         signal.signal(signal.SIGTERM, on_sigterm)
+        raise
+    # Stopped: another SIGTERM (an impatient operator, a second `kill`) is ignored while
+    # the rest ends, rather than cut it short; SIGKILL still ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) -> None:
@@ -74,8 +77,15 @@ async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) 
     # service as cleanly as one while it serves.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def terminated(_signum: int, _frame: FrameType | None) -> None:
+        # Not the loop's signal handling: a closed loop would put SIGTERM back to its
+        # default, death on the spot, for a second SIGTERM late in the shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        loop.call_soon_threadsafe(stop.set)
+
+    signal.signal(signal.SIGTERM, terminated)
     app = make_app()
     runner = web.AppRunner(
         app,

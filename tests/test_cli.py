@@ -219,9 +219,25 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits_0(database_url, user)
                 # The stream ends with the end of its chunked body: a clean end, not a cut.
                 await response.content.read()
             assert response.content.is_eof()
+        # A second SIGTERM while it stops (stop() sends one) changes nothing.
         assert await server.stop() == 0
         messages = [record["message"] for record in server.records()]
         assert "stopping: ending open streams" in messages
+
+
+async def test_sigterms_until_it_exits_change_nothing(database_url, user):
+    """An impatient operator (or two supervisors) sends SIGTERM again and again: the
+    shutdown the first began ends as it would have, with 0."""
+    async with serving(database_url, STREAMER_PORT="0") as server:
+        async with asyncio.timeout(TIMEOUT):
+            while server.process.returncode is None:
+                server.process.send_signal(signal.SIGTERM)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(server.process.wait()), 0.001)
+        code = await server.process.wait()
+        await server._reader
+        assert code == 0, "\n".join(server.lines)
+        assert "Traceback" not in "\n".join(server.lines)
 
 
 async def test_json_logs_are_one_object_per_line_and_never_contain_a_token(database_url, user):

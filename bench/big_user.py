@@ -191,7 +191,10 @@ class BigTab:
         if command == "unstall":  # read the rest of the first stalled stream; close the others
             first = self.stalled[0]
             self.tally = Tally(requested_ns=now_ns())
-            self.tally.ended = await self._consume(first, args.get("expect"))
+            try:
+                self.tally.ended = await self._consume(first, args.get("expect"))
+            except aiohttp.ClientError as exc:  # the server cut it for not reading
+                self.tally.ended = f"cut: {exc.__class__.__name__}"
             for response in self.stalled:
                 response.close()
             self.stalled = []

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -42,6 +45,27 @@ log = logging.getLogger(__name__)
 
 MARKER = '{"marker":"'  # not a change: see Dispatcher._mark
 NOTHING = Snapshot(0, 0, frozenset())
+
+
+@dataclass
+class Recovery:
+    """A recovery under way: the streams it catches up (`keys`), those it has caught up."""
+
+    keys: frozenset[Key]
+    done: set[Key] = field(default_factory=set)
+    snapshot: Snapshot | None = None  # the recovery's, once it has caught any up
+    # What the last look at the held payloads found (see Dispatcher._release_early).
+    seen: int = 0
+    blocked: set[Key] = field(default_factory=set)
+    feeds_blocked: set[str] = field(default_factory=set)
+
+    def may_send(self, keys: set[Key]) -> bool:
+        """Whether a held change for these streams may go out: each was caught up (or was
+        not being caught up: opened since, its own read sorts it out), and nothing held
+        before it for them waits."""
+        return not keys & self.blocked and all(
+            key in self.done or key not in self.keys for key in keys
+        )
 
 
 class Dispatcher:
@@ -67,6 +91,11 @@ class Dispatcher:
         self._failure: Exception | None = None  # raised in a callback, re-raised by run
         self._inbox: deque[str] = deque()
         self._holding = True  # until the stream of payloads is known to be complete
+        # While a recovery reads: what it has caught up, and the held payloads decoded so
+        # far, each with whether it went out early (see _release_early).
+        self._recovery: Recovery | None = None
+        self._held: list[list[Any]] = []  # [change or None, sent], in the inbox's order
+        self._held_at = 0  # how many of them _dispatch_ready has taken from the inbox
         # The last recovery's snapshot and the streams it caught up: a change that snapshot
         # saw is already in their streams, but not in streams opened since.
         self._caught_up: tuple[Snapshot, frozenset[Key]] = (NOTHING, frozenset())
@@ -102,6 +131,8 @@ class Dispatcher:
         if self.sessions:
             self.metrics.listener_reconnects.inc()
         self._caught_up = await self._recover()
+        if self._failure is not None:
+            raise self._failure  # in a change released early
         self.sessions += 1
         self._release()
         await self._mark(self._caught_up[0])
@@ -124,16 +155,29 @@ class Dispatcher:
             if (feed := self.feeds.get(name)) is not None
         ]
         caught = 0
+        keys = frozenset((name, owner) for name, os in owners.items() for owner in os)
+        recovery = self._recovery = Recovery(keys)
 
-        def deliver(feed: Feed, part: CatchUp) -> None:
+        async def deliver(feed: Feed, part: CatchUp) -> None:
             nonlocal caught
             caught += len(part.items)
             self.hub.dispatch_catch_up(feed, part)
+            # The next batch waits for the clients this one went to, as a stream's own
+            # catch-up does: their buffers stay bounded (one that stops reading is cut).
+            await self.hub.drained(feed.name, {item.owner for item in part.items})
 
-        snapshot = await self.reads.changes(served, self.hub.watermark, deliver)
+        def caught_up(feed: Feed, feed_owners: list[str], snapshot: Snapshot) -> None:
+            recovery.snapshot = snapshot
+            recovery.done.update((feed.name, owner) for owner in feed_owners)
+            self._release_early(recovery, again=True)
+
+        try:
+            snapshot = await self.reads.changes(served, self.hub.watermark, deliver, caught_up)
+        finally:
+            self._recovery = None
         if served:
             log.info("recovered; %d rows caught up", caught)
-        return snapshot, frozenset((name, owner) for name, os in owners.items() for owner in os)
+        return snapshot, keys
 
     async def _mark(self, snapshot: Snapshot) -> None:
         """Move the hub's watermark up to `snapshot` once every change it saw has arrived.
@@ -174,6 +218,8 @@ class Dispatcher:
             self._drain = None
         # What is still in the inbox is caught up after the reconnect, from the watermark.
         self._inbox.clear()
+        self._recovery = None
+        self._held, self._held_at = [], 0
         await self.source.close()
 
     async def close(self) -> None:
@@ -185,6 +231,8 @@ class Dispatcher:
         self._inbox.append(payload)
         if not self._holding and self._drain is None:
             self._dispatch_guarded()
+        elif self._recovery is not None and self._recovery.snapshot is not None:
+            self._release_early(self._recovery, again=False)
 
     def _release(self) -> None:
         """Dispatch what arrived while catching up."""
@@ -234,10 +282,20 @@ class Dispatcher:
     def _dispatch_ready(self) -> None:
         """Dispatch in order until a payload needs its row read back."""
         while self._inbox:
-            change = self._decode(self._inbox.popleft())
+            payload = self._inbox.popleft()
+            sent = False
+            if self._held_at < len(self._held):  # decoded during the recovery
+                change, sent = self._held[self._held_at]
+                self._held_at += 1
+            else:
+                if self._held:
+                    self._held, self._held_at = [], 0
+                change = self._decode(payload)
             if change is None:
                 continue
             self.hub.advance(change.horizon)  # xids are database-wide: whatever the feed
+            if sent:
+                continue
             feed = self.feeds.get(change.feed)
             if feed is None:
                 self.feeds.changed()  # perhaps enabled a moment ago: nobody streams it yet
@@ -253,6 +311,58 @@ class Dispatcher:
                 self._drain = asyncio.create_task(self._dispatch_slow(feed, change, told))
                 return
             self._dispatch(feed, change, None, told)
+
+    def _release_early(self, recovery: Recovery, *, again: bool) -> None:
+        """While a recovery reads, send the held changes of streams it has caught up.
+
+        Streams are caught up owner by owner, the owners with fewest changes first; a
+        change held meanwhile goes out as soon as every stream it is for has its catch-up,
+        and nothing held before it is for those streams (their order is commit order). The
+        rest waits for the end of the recovery, as before: a TRUNCATE (its feed), a row to
+        read back, a marker (everything). The watermark is not raised here: the events sent
+        early carry the cursor from before the outage, and resuming from it repeats only
+        what the client has. `again` after more owners were caught up: from the first held
+        payload; otherwise only what arrived since the last look."""
+        if self._recovery is not recovery:
+            return  # over, or failed
+        try:
+            if again:
+                recovery.blocked, recovery.feeds_blocked, recovery.seen = set(), set(), 0
+            for payload in itertools.islice(self._inbox, recovery.seen, None):
+                if recovery.seen == len(self._held):
+                    if payload.startswith(MARKER):
+                        return  # never before what it proves: looked at again next time
+                    self._held.append([self._decode(payload), False])
+                held = self._held[recovery.seen]
+                recovery.seen += 1
+                if held[0] is not None and not held[1]:
+                    held[1] = self._send_early(recovery, held[0])
+        except Exception as exc:
+            self._recovery = None
+            self._fail(exc)
+
+    def _send_early(self, recovery: Recovery, change: Notification) -> bool:
+        """Send a held change now if it may go out early (see _release_early)."""
+        feed = self.feeds.get(change.feed)
+        name = feed.name if feed is not None else change.feed
+        owner = change.owner or ""
+        keys = {(name, owner), (name, change.old_owner or owner)}
+        if (
+            feed is None
+            or change.op == "t"
+            or name in recovery.feeds_blocked
+            or not recovery.may_send(keys)
+            or (change.op == "u" and change.row is None and self.hub.serves(name, owner))
+        ):
+            if feed is None or change.op == "t":
+                recovery.feeds_blocked.add(name)
+            recovery.blocked |= keys
+            return False
+        assert recovery.snapshot is not None
+        told = recovery.keys if recovery.snapshot.sees(change.xid) else frozenset()
+        if not keys <= told:
+            self._dispatch(feed, change, None, told)
+        return True
 
     async def _dispatch_slow(self, feed: Feed, change: Notification, told: frozenset[Key]) -> None:
         try:

@@ -22,6 +22,7 @@ from streamer.sse import HeartbeatEvent, Message, Sink, frame, now
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (feed, owner)
+DRAIN_POLL = 0.005  # seconds between looks at whether a recovery's clients took its batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +397,21 @@ class Hub:
                     ends_row=item.terminal,
                 )
                 self._publish(key, update)
+
+    async def drained(self, feed: str, owners: set[str]) -> None:
+        """Wait until every open stream of these owners holds at most half its buffer's
+        limit of bytes its client has not taken. A client that stops reading is cut by the
+        sweep within the write timeout, so this ends."""
+        limit = self.buffer_limit // 2
+        while True:
+            await asyncio.sleep(0)  # what was dispatched is written at the loop's next turn
+            if not any(
+                sub.closed is None and sub.unsent() > limit
+                for owner in owners
+                for sub in self._by_key.get((feed, owner), ())
+            ):
+                return
+            await asyncio.sleep(DRAIN_POLL)
 
     # -- heartbeats and stuck writers -----------------------------------------------
 

@@ -14,7 +14,15 @@ import asyncpg
 import pytest
 
 from streamer import keys
-from tests.conftest import Service, start_service, stop_service, token_for, wait_until
+from streamer.feed import CatchUp, Feed, Reads, Snapshot
+from tests.conftest import (
+    Service,
+    insert_file,
+    start_service,
+    stop_service,
+    token_for,
+    wait_until,
+)
 from tests.sse import open_stream
 
 ROWS = 6_000
@@ -148,3 +156,38 @@ async def test_a_snapshot_whose_client_stops_reading_is_cut_and_frees_its_connec
             assert events == [("synced", None)]
     finally:
         await stop_service(service)
+
+
+async def test_a_recovery_catches_up_the_owners_with_fewest_changes_first(
+    database_url: str, db: asyncpg.Connection, owner_db: asyncpg.Connection, user: uuid.UUID,
+    other_user: uuid.UUID,
+) -> None:  # fmt: skip
+    """After an outage, an owner with thousands of changed rows is read last: the others'
+    streams are caught up (and get their live changes again) without waiting for it."""
+    quiet = uuid.uuid4()  # nothing changed: caught up before anything is read
+    await import_rows(owner_db, user, 2_500)
+    await insert_file(db, other_user, "kept.pdf")
+    gone = await insert_file(db, other_user, "gone.pdf")
+    await db.execute("delete from files where id = $1", gone)  # a tombstone counts too
+    told: list[tuple[str, Any]] = []
+
+    async def deliver(feed: Feed, part: CatchUp) -> None:
+        told.append(("rows", (sorted({item.owner for item in part.items}), len(part.items))))
+
+    def caught_up(feed: Feed, owners: list[str], snapshot: Snapshot) -> None:
+        told.append(("caught up", sorted(owners)))
+
+    async with asyncpg.create_pool(database_url, min_size=1, max_size=1) as pool:
+        reads = Reads(pool)
+        files = (await reads.feeds())["files"]
+        owners = [str(user), str(other_user), str(quiet)]
+        await reads.changes([(files, owners)], 1, deliver, caught_up)
+    assert told == [
+        ("caught up", [str(quiet)]),
+        ("rows", ([str(other_user)], 2)),
+        ("caught up", [str(other_user)]),
+        ("rows", ([str(user)], 1_000)),
+        ("rows", ([str(user)], 1_000)),
+        ("rows", ([str(user)], 500)),
+        ("caught up", [str(user)]),
+    ]

@@ -7,7 +7,8 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -95,6 +96,8 @@ class MemoryReads:
         self.reading_row = asyncio.Event()
         self.row_may_return = asyncio.Event()
         self.row_may_return.set()
+        self.between: asyncio.Event | None = None  # set: the recovery's read goes on
+        self.holding = asyncio.Event()  # the recovery's read waits for `between`
 
     async def signing_key(self) -> bytes:
         return KEY
@@ -106,11 +109,22 @@ class MemoryReads:
         self,
         owners: list[tuple[Feed, list[str]]],
         since: int,
-        deliver: Callable[[Feed, CatchUp], None],
+        deliver: Callable[[Feed, CatchUp], Awaitable[None]],
+        caught_up: Callable[[Feed, list[str], Snapshot], None],
     ) -> Snapshot:
+        """Owner by owner, fewest rows first, as the database's reads do; a test may hold
+        the read after each owner (`between`)."""
         for feed, feed_owners in owners:
-            rows: list[Row | Gone] = [r for r in self.caught_up if r.owner in feed_owners]
-            deliver(feed, CatchUp(self.snapshot, False, rows))
+            counts = Counter(r.owner for r in self.caught_up if r.owner in feed_owners)
+            caught_up(feed, [o for o in feed_owners if o not in counts], self.snapshot)
+            for owner in sorted(counts, key=lambda o: counts[o]):
+                rows: list[Row | Gone] = [r for r in self.caught_up if r.owner == owner]
+                await deliver(feed, CatchUp(self.snapshot, False, rows))
+                caught_up(feed, [owner], self.snapshot)
+                if self.between is not None:
+                    self.holding.set()
+                    await self.between.wait()
+                    self.holding.clear()
         return self.snapshot
 
     async def row(self, feed: Feed, row_id: str) -> Row | None:
@@ -130,8 +144,10 @@ class Transport(asyncio.WriteTransport):
     def is_closing(self) -> bool:
         return False
 
+    buffered = 0  # bytes the client has not taken
+
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.buffered
 
     def abort(self) -> None:
         pass
@@ -283,3 +299,99 @@ async def test_a_bug_in_dispatch_ends_the_session_and_is_raised_for_the_supervis
     with pytest.raises(RuntimeError, match="a bug"):
         await asyncio.wait_for(task, 5)
     assert not rig.dispatcher.ready.is_set()
+
+
+def row(owner: str, row_id: str, xid: int) -> Row:
+    return Row(owner, row_id, xid * 1024, json.dumps({"id": row_id, "version": xid * 1024}), False)
+
+
+async def recovering(rig: Rig, caught_up: list[Row]) -> None:
+    """Drop the connection; return while the recovery's read waits after its first owner."""
+    rig.reads.snapshot = Snapshot(400, 400, frozenset())
+    rig.reads.caught_up = caught_up
+    rig.reads.between = asyncio.Event()
+    rig.source.lost.set()
+    await asyncio.wait_for(rig.reads.holding.wait(), 5)
+
+
+def seen(transport: Transport) -> list[tuple[str, int]]:
+    return [(data["file"]["id"], data["file"]["version"]) for _, data in events_of(transport)]
+
+
+async def test_while_recovery_reads_an_owner_it_has_caught_up_gets_its_changes_at_once(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    _, bob = rig.live(BOB)
+    watermark = rig.hub.watermark
+    # Bob has more to catch up: Alice's read comes first, then the read waits.
+    await recovering(rig, [row(BOB, "b1", 390), row(BOB, "b2", 391), row(ALICE, "a1", 392)])
+    rig.source.commit(change("a1", ALICE, 392 * 1024, 392, row={}))  # the snapshot saw it
+    rig.source.commit(change("b3", BOB, 401 * 1024, 401, row={}))
+    rig.source.commit(change("a2", ALICE, 402 * 1024, 402, row={}))
+    await settled()
+    assert seen(alice) == [("a1", 392 * 1024), ("a2", 402 * 1024)]  # a1 once: caught up
+    assert seen(bob) == []  # not caught up yet: his change waits behind his catch-up
+    assert rig.hub.watermark == watermark  # what went out early carries the old cursor
+
+    assert rig.reads.between is not None
+    rig.reads.between.set()
+    await asyncio.wait_for(rig.dispatcher.ready.wait(), 5)
+    await settled()
+    assert seen(bob) == [("b1", 390 * 1024), ("b2", 391 * 1024), ("b3", 401 * 1024)]
+    assert seen(alice) == [("a1", 392 * 1024), ("a2", 402 * 1024)]  # nothing twice
+
+
+async def test_a_held_change_for_a_stream_not_yet_caught_up_holds_what_follows_for_its_others(
+    rig: Rig,
+) -> None:
+    _, alice = rig.live(ALICE)
+    _, bob = rig.live(BOB)
+    await recovering(rig, [row(BOB, "b1", 390), row(BOB, "b2", 391), row(ALICE, "a1", 392)])
+    # A row of Bob's given to Alice: for both streams, and Bob's is not caught up yet. What
+    # follows for Alice waits for it, so that she gets her changes in commit order.
+    rig.source.commit(change("b2", ALICE, 401 * 1024, 401, row={}, old_owner=BOB))
+    rig.source.commit(change("a1", ALICE, 402 * 1024, 402, row={}))
+    await settled()
+    assert seen(alice) == [("a1", 392 * 1024)]
+
+    assert rig.reads.between is not None
+    rig.reads.between.set()
+    await asyncio.wait_for(rig.dispatcher.ready.wait(), 5)
+    await settled()
+    assert seen(alice) == [("a1", 392 * 1024), ("b2", 401 * 1024), ("a1", 402 * 1024)]
+    assert [name for name, _ in events_of(bob)] == ["file-update", "file-update", "file-deleted"]
+
+
+async def test_a_held_truncate_holds_every_later_change_of_its_feed(rig: Rig) -> None:
+    _, alice = rig.live(ALICE)
+    rig.live(BOB)
+    await recovering(rig, [row(BOB, "b1", 390), row(BOB, "b2", 391), row(ALICE, "a1", 392)])
+    truncate = {"f": "files", "o": "t", "x": 401, "m": 401}
+    rig.source.commit(signed(json.dumps(truncate, separators=(",", ":"))))
+    rig.source.commit(change("a2", ALICE, 402 * 1024, 402, row={}))
+    await settled()
+    assert seen(alice) == [("a1", 392 * 1024)]  # a2 waits: the truncate comes first
+    assert rig.reads.between is not None
+    rig.reads.between.set()
+    await asyncio.wait_for(rig.dispatcher.ready.wait(), 5)
+    await settled()
+    assert not [e for e in events_of(alice) if e[1].get("file", {}).get("id") == "a2"]
+
+
+async def test_a_recovery_batch_waits_until_its_clients_took_most_of_the_last(rig: Rig) -> None:
+    sub, transport = rig.live(ALICE)
+    rig.live(BOB)
+    transport.buffered = rig.hub.buffer_limit  # Alice's client reads nothing for a while
+    waiting = asyncio.create_task(rig.hub.drained("files", {ALICE, BOB}))
+    await settled()
+    assert not waiting.done()
+    transport.buffered = rig.hub.buffer_limit // 2  # it took half
+    await asyncio.wait_for(waiting, 1)
+
+    transport.buffered = rig.hub.buffer_limit
+    waiting = asyncio.create_task(rig.hub.drained("files", {ALICE}))
+    await settled()
+    assert not waiting.done()
+    rig.hub.cut(sub)  # as the sweep does after the write timeout: it holds nothing then
+    await asyncio.wait_for(waiting, 1)

@@ -147,8 +147,14 @@ class Serving:
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.lines]
 
+    def sigterm(self) -> None:
+        """os.kill, not Process.send_signal: that polls, and a poll that reaps a process
+        exiting meanwhile leaves asyncio's watcher without its exit code (255)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signal.SIGTERM)
+
     async def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
+        self.sigterm()
         async with asyncio.timeout(TIMEOUT):
             code = await self.process.wait()
             assert self._reader is not None
@@ -214,7 +220,7 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits_0(database_url, user)
         async with session.get(url, headers=headers) as response:
             assert response.status == 200
             assert await response.content.readuntil(b"event: synced\n")
-            server.process.send_signal(signal.SIGTERM)
+            server.sigterm()
             async with asyncio.timeout(TIMEOUT):
                 # The stream ends with the end of its chunked body: a clean end, not a cut.
                 await response.content.read()
@@ -231,10 +237,7 @@ async def test_sigterms_until_it_exits_change_nothing(database_url, user):
     async with serving(database_url, STREAMER_PORT="0") as server:
         async with asyncio.timeout(TIMEOUT):
             while server.process.returncode is None:
-                # os.kill, not Process.send_signal: that polls, and a poll that reaps the
-                # process leaves asyncio's watcher without its exit code.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(server.process.pid, signal.SIGTERM)
+                server.sigterm()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(server.process.wait()), 0.001)
         code = await server.process.wait()

@@ -390,4 +390,4 @@ class Dispatcher:
         self.metrics.notifications.inc()
         if change.at is not None:
             self.metrics.notification_lag.observe(max(0.0, time.time() - change.at))
-        self.hub.dispatch(feed, change, current or change.current(), skip=told)
+        self.hub.dispatch(feed, change, current, skip=told)

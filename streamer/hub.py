@@ -322,10 +322,11 @@ class Hub:
     ) -> None:
         """Hand one committed change of `feed` to its owners' streams, except those in `skip`.
 
-        `current` is the row for an update: the one in the payload, or read back when it
-        was too big to travel. A row read back may belong to someone else by now, or be a
-        later version of it; it then goes nowhere: the change that moved it or made that
-        version follows, and a newer version sent first would go out ahead of older ones.
+        `current` is the row read back for an update too big to travel (None: the one in
+        the payload, made only for an owner with a stream here). A row read back may belong
+        to someone else by now, or be a later version of it; it then goes nowhere: the
+        change that moved it or made that version follows, and a newer version sent first
+        would go out ahead of older ones.
         """
         cursor = self.cursor
         name = feed.name
@@ -345,6 +346,8 @@ class Hub:
             self._publish((name, moved_from), self._gone(feed, change.row_id, change.xid), skip)
         if (name, change.owner) not in self._by_key:
             return
+        if current is None:
+            current = change.current()
         if current is None or current.owner != change.owner or current.version != change.version:
             return
         update = envelope(

@@ -324,16 +324,18 @@ class Reads:
         ):
             snapshot = await current_snapshot(conn)
             for feed, feed_owners in owners:
+                feed_since = await honoured(conn, feed, since, snapshot)
                 groups = [feed_owners]
-                if await honoured(conn, feed, since, snapshot) is not None:
+                if feed_since is not None:
                     found = await conn.fetch(
-                        feed.counts(BATCH + 1), feed_owners, since * VERSION_SCALE, feed.name
+                        feed.counts(BATCH + 1), feed_owners, feed_since * VERSION_SCALE, feed.name
                     )
                     counts: dict[str, int] = {r["owner"]: r["n"] for r in found if r["n"]}
                     caught_up(feed, [o for o in feed_owners if o not in counts], snapshot)
                     groups = by_size(counts, BATCH)
                 for group in groups:
-                    read = await reading(conn, feed, group, since, snapshot)
+                    reset = feed_since is None  # too old: every row, and the streams reset
+                    read = await _reading(conn, feed, group, feed_since, reset, snapshot, BATCH)
                     async for part in read.batches():
                         await deliver(feed, part)
                     caught_up(feed, group, snapshot)
@@ -467,10 +469,22 @@ async def reading(
     """What changed for `owners` since the horizon `since` (everything when None, or when
     `since` cannot be honoured: then `reset`). Inside a REPEATABLE READ transaction whose
     snapshot is `snapshot`."""
-    reset = False
-    if since is not None:
-        since = await honoured(conn, feed, since, snapshot)
-        reset = since is None
+    if since is None:
+        return await _reading(conn, feed, owners, None, False, snapshot, batch)
+    since = await honoured(conn, feed, since, snapshot)
+    return await _reading(conn, feed, owners, since, since is None, snapshot, batch)
+
+
+async def _reading(
+    conn: asyncpg.Connection,
+    feed: Feed,
+    owners: Sequence[str],
+    since: int | None,
+    reset: bool,
+    snapshot: Snapshot,
+    batch: int,
+) -> Reading:
+    """`reading` of a `since` already honoured (None: every row)."""
     floor = 0 if since is None else since * VERSION_SCALE
     args: list[object] = [list(owners), floor]
     if since is not None:

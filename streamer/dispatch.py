@@ -22,7 +22,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -45,6 +44,14 @@ log = logging.getLogger(__name__)
 
 MARKER = '{"marker":"'  # not a change: see Dispatcher._mark
 NOTHING = Snapshot(0, 0, frozenset())
+
+
+@dataclass(slots=True)
+class Held:
+    """A payload held during a recovery, decoded (None: nothing to dispatch)."""
+
+    change: Notification | None
+    sent: bool = False  # went out early (see Dispatcher._release_early)
 
 
 @dataclass
@@ -94,7 +101,7 @@ class Dispatcher:
         # While a recovery reads: what it has caught up, and the held payloads decoded so
         # far, each with whether it went out early (see _release_early).
         self._recovery: Recovery | None = None
-        self._held: list[list[Any]] = []  # [change or None, sent], in the inbox's order
+        self._held: list[Held] = []  # in the inbox's order
         self._held_at = 0  # how many of them _dispatch_ready has taken from the inbox
         # The last recovery's snapshot and the streams it caught up: a change that snapshot
         # saw is already in their streams, but not in streams opened since.
@@ -285,7 +292,8 @@ class Dispatcher:
             payload = self._inbox.popleft()
             sent = False
             if self._held_at < len(self._held):  # decoded during the recovery
-                change, sent = self._held[self._held_at]
+                held = self._held[self._held_at]
+                change, sent = held.change, held.sent
                 self._held_at += 1
             else:
                 if self._held:
@@ -332,11 +340,11 @@ class Dispatcher:
                 if recovery.seen == len(self._held):
                     if payload.startswith(MARKER):
                         return  # never before what it proves: looked at again next time
-                    self._held.append([self._decode(payload), False])
+                    self._held.append(Held(self._decode(payload)))
                 held = self._held[recovery.seen]
                 recovery.seen += 1
-                if held[0] is not None and not held[1]:
-                    held[1] = self._send_early(recovery, held[0])
+                if held.change is not None and not held.sent:
+                    held.sent = self._send_early(recovery, held.change)
         except Exception as exc:
             self._recovery = None
             self._fail(exc)

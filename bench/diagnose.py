@@ -19,7 +19,6 @@ import contextlib
 import gc
 import os
 import shutil
-import statistics
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,16 @@ from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import SECRET, Postgres, cleanup, rss_bytes
 from bench.load import Population, Receivers, plan
-from bench.writer_cost import ENABLE_FILES, SCRIPT, configure, pgbench, seed
+from bench.writer_cost import (
+    ENABLE_FILES,
+    SCRIPT,
+    alternating,
+    configure,
+    edit_notify_function,
+    pgbench,
+    print_medians,
+    seed,
+)
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.embedded import _free_port
@@ -178,16 +186,7 @@ def _set_variant(pg: Postgres, name: str) -> None:
     configure(pg, "feed" if variant.body is None else "none")
     if variant.body is None:
         if variant.edits:
-            with pg.connect() as conn:
-                row = conn.execute(
-                    "select pg_get_functiondef('streamer.files_notify'::regproc)"
-                ).fetchone()
-                assert row is not None
-                definition: str = row[0]
-                for text, replacement in variant.edits:
-                    assert text in definition, f"{name}: {text!r} is not in the trigger"
-                    definition = definition.replace(text, replacement)
-                conn.execute(definition)
+            edit_notify_function(pg, variant.edits)
         return
     result = "new" if variant.before else "null"
     body = variant.body.replace("RESULT", result)
@@ -215,19 +214,13 @@ def triggers(seconds: float, rounds: int) -> None:
         drain.open(1)
         script = Path(records) / "update.sql"
         script.write_text(SCRIPT)
-        names = list(VARIANTS)
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        for round_ in range(rounds):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                _set_variant(pg, name)
-                runs[name].append(pgbench(pg, script, seconds)["tps"])
-                print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
-        bare = statistics.median(runs["bare"])
-        print("\nmedian TPS, and against the bare one-line pg_notify:")
-        for name in names:
-            tps = statistics.median(runs[name])
-            spread = ", ".join(f"{t:,.0f}" for t in runs[name])
-            print(f"  {name:28s} {tps:8,.0f}  {tps / bare:6.1%}   ({spread})")
+
+        def one(name: str) -> float:
+            _set_variant(pg, name)
+            return pgbench(pg, script, seconds)["tps"]
+
+        runs = alternating(list(VARIANTS), rounds, one)
+        print_medians(runs, "bare", "the bare one-line pg_notify")
     finally:
         cleanup(pg)
         shutil.rmtree(records, ignore_errors=True)

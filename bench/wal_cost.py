@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,17 @@ from pathlib import Path
 
 from bench.clients import scratch_dir
 from bench.harness import Postgres, cleanup, install_signal_handlers
-from bench.writer_cost import ENABLE_FILES, SCRIPT, WalReaders, configure, pgbench, seed
+from bench.writer_cost import (
+    ENABLE_FILES,
+    SCRIPT,
+    WalReaders,
+    alternating,
+    configure,
+    edit_notify_function,
+    pgbench,
+    print_medians,
+    seed,
+)
 
 EMIT = "perform pg_logical_emit_message(true, 'streamer', new.id::text);"
 PUBLICATION_HAS_FILES = (
@@ -119,16 +128,7 @@ ROW_TO_JSON = (("((j - 'user_id'))::text", "row_to_json(new)::text"),)
 def _edited(*edits: tuple[str, str]) -> Callable[[Postgres], None]:
     def set_up(pg: Postgres) -> None:
         _feed(pg)
-        with pg.connect() as conn:
-            row = conn.execute(
-                "select pg_get_functiondef('streamer.files_notify'::regproc)"
-            ).fetchone()
-            assert row is not None
-            definition: str = row[0]
-            for text, replacement in edits:
-                assert text in definition, f"{text!r} is not in the trigger"
-                definition = definition.replace(text, replacement)
-            conn.execute(definition)
+        edit_notify_function(pg, edits)
 
     return set_up
 
@@ -199,21 +199,14 @@ def run(seconds: int, rounds: int, parts: bool = False) -> None:
         seed(pg)
         script = Path(records) / "update.sql"
         script.write_text(SCRIPT)
-        names = list(variants)
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        for round_ in range(rounds):
-            for name in names if round_ % 2 == 0 else reversed(names):
-                set_up, kind = variants[name]
-                set_up(pg)
-                with reader(pg, kind):
-                    runs[name].append(pgbench(pg, script, seconds)["tps"])
-                print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
-        none = statistics.median(runs["no trigger"])
-        print("\nmedian TPS, and against no trigger:")
-        for name in names:
-            tps = statistics.median(runs[name])
-            spread = ", ".join(f"{t:,.0f}" for t in runs[name])
-            print(f"  {name:56s} {tps:8,.0f}  {tps / none:6.1%}   ({spread})")
+
+        def one(name: str) -> float:
+            set_up, kind = variants[name]
+            set_up(pg)
+            with reader(pg, kind):
+                return pgbench(pg, script, seconds)["tps"]
+
+        print_medians(alternating(list(variants), rounds, one), "no trigger", "no trigger")
     finally:
         cleanup(pg)
         shutil.rmtree(records, ignore_errors=True)

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -198,6 +198,43 @@ def pgbench(pg: Postgres, script: Path, seconds: float) -> dict[str, float]:
         "tps": float(tps.group(1)),
         "latency_ms": float(latency.group(1)) if latency else float("nan"),
     }
+
+
+def edit_notify_function(pg: Postgres, edits: Sequence[tuple[str, str]]) -> None:
+    """Replace text in the feed's AFTER function as migrated (pg_get_functiondef's text),
+    to measure what a part of it costs."""
+    with pg.connect() as conn:
+        row = conn.execute("select pg_get_functiondef('streamer.files_notify'::regproc)").fetchone()
+        assert row is not None
+        definition: str = row[0]
+        for text, replacement in edits:
+            assert text in definition, f"{text!r} is not in the trigger"
+            definition = definition.replace(text, replacement)
+        conn.execute(definition)
+
+
+def alternating(
+    names: Sequence[str], rounds: int, one: Callable[[str], float]
+) -> dict[str, list[float]]:
+    """`one(name)` for every name, `rounds` times, forwards then backwards, so that a drift
+    in the machine's load weighs on every variant alike; each result printed as it comes."""
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names if round_ % 2 == 0 else list(reversed(names)):
+            runs[name].append(one(name))
+            print(f"  {name}: {runs[name][-1]:,.0f} TPS", flush=True)
+    return runs
+
+
+def print_medians(runs: dict[str, list[float]], baseline: str, against: str) -> None:
+    """Each variant's median TPS and its share of `baseline`'s, with every run."""
+    base = statistics.median(runs[baseline])
+    width = max(len(name) for name in runs)
+    print(f"\nmedian TPS, and against {against}:")
+    for name, tps_runs in runs.items():
+        tps = statistics.median(tps_runs)
+        spread = ", ".join(f"{t:,.0f}" for t in tps_runs)
+        print(f"  {name:{width}s} {tps:8,.0f}  {tps / base:6.1%}   ({spread})")
 
 
 def set_fsync(pg: Postgres, on: bool) -> None:

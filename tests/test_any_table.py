@@ -310,15 +310,22 @@ async def test_someone_elses_job_is_404_exactly_like_a_job_that_does_not_exist(
     assert "file" not in theirs[1]["error"]
 
 
-async def test_a_resumed_jobs_stream_gets_job_deleted_for_a_job_deleted_while_away(
-    service: Service, jobs: Feed, db: asyncpg.Connection
-) -> None:
+async def gone_with_a_cursor(service: Service, db: asyncpg.Connection) -> tuple[int, int, int, str]:
+    """Alice has two jobs (one to keep, one to delete) and a third she saw arrive live, and
+    leaves with the cursor of that event."""
     kept = await insert_job(db, ALICE, "kept")
     doomed = await insert_job(db, ALICE, "doomed")
     async with all_jobs(service, ALICE) as stream:
         marker = await insert_job(db, ALICE, "marker")
         cursor = (await next_job(stream, marker)).id
     assert cursor is not None
+    return kept, doomed, marker, cursor
+
+
+async def test_a_resumed_jobs_stream_gets_job_deleted_for_a_job_deleted_while_away(
+    service: Service, jobs: Feed, db: asyncpg.Connection
+) -> None:
+    kept, doomed, marker, cursor = await gone_with_a_cursor(service, db)
     await db.execute("delete from jobs where id = $1", doomed)
     await db.execute("update jobs set status = 'running' where id = $1", kept)
 
@@ -357,12 +364,7 @@ async def test_disable_feed_ends_open_job_streams_and_its_routes_404(
 async def test_a_cursor_from_before_disable_feed_gets_a_reset_when_the_feed_comes_back(
     service: Service, jobs: Feed, owner_db: asyncpg.Connection, db: asyncpg.Connection
 ) -> None:
-    kept = await insert_job(db, ALICE, "kept")
-    doomed = await insert_job(db, ALICE, "doomed")
-    async with all_jobs(service, ALICE) as stream:
-        marker = await insert_job(db, ALICE, "marker")
-        cursor = (await next_job(stream, marker)).id
-    assert cursor is not None
+    kept, doomed, marker, cursor = await gone_with_a_cursor(service, db)
     await owner_db.execute("select streamer.disable_feed('jobs')")
     # Changes while the feed is off leave no trace: no version, no tombstone.
     await db.execute("update jobs set status = 'running' where id = $1", kept)

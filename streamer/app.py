@@ -141,6 +141,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     )
     dispatcher = Dispatcher(source, reads, hub, feeds, app[keys.METRICS])
     app[keys.DISPATCHER] = dispatcher
+    feeds.after = dispatcher.check_source
     # The owner of every long-lived task of the app: made first, stopped last, before
     # the pool those tasks use is closed.
     tasks = app[keys.TASKS] = Supervisor(app[keys.METRICS])
@@ -195,7 +196,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     dispatcher = request.app[keys.DISPATCHER]
     problems = []
-    if not dispatcher.ready.is_set():
+    if dispatcher.deaf is not None:
+        problems.append(dispatcher.deaf)
+    elif not dispatcher.ready.is_set():
         problems.append("listener down")
     try:
         async with asyncio.timeout(2):

@@ -16,9 +16,10 @@ import psycopg
 from streamer.app import create_app
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
-from streamer.db import Database, migrate, source_problem
+from streamer.db import Database, fresh, migrate, source_problem
 from streamer.demo import run_demo
 from streamer.logs import setup_logging
+from streamer.migrations import MigrationError
 from streamer.runner import StartupError, Terminated, first_line, raise_on_sigterm, run_server
 from streamer.supervisor import serve_workers
 
@@ -69,6 +70,7 @@ def _settings(args: argparse.Namespace) -> Settings:
             "workers",
             "heartbeat_seconds",
             "source",
+            "files_table",
         )
     }
     return load_settings(**flags)
@@ -79,18 +81,18 @@ def _print_welcome(settings: Settings, dsn: str) -> None:
     assert settings.jwt_secret is not None
     token = mint_token(settings.jwt_secret, user, 24 * 3600)
     base = f"http://{settings.host}:{settings.port}"
+    # What README.md's lines use, pasted into another terminal (every value is shell-safe:
+    # a URL without spaces, a UUID, a JWT). Not in this one: with DATABASE_URL set, a later
+    # `streamer serve` here would take it for a database of its own.
     print(
         f"""
 streamer is serving on {base} (embedded Postgres, data in {settings.data_dir}/)
 
-A token for user {user} (valid 24 h):
-  {token}
-
-Watch that user's files:
-  curl -N -H "Authorization: Bearer {token}" {base}/api/files/events
-
-Make an event, in another terminal:
-  psql "{dsn}" -c "insert into files (user_id, filename) values ('{user}', 'hello.pdf')"
+In two other terminals, export a user, a token for it (valid 24 h) and the database:
+  export BASE_URL={base} USER_ID={user} TOKEN={token} DATABASE_URL={dsn}
+then watch the user's files in one, and make an event in the other (README.md):
+  curl -N -H "Authorization: Bearer $TOKEN" "$BASE_URL/api/files/events"
+  psql "$DATABASE_URL" -c "insert into files (user_id, filename) values ('$USER_ID', 'hello.pdf')"
 """,
         flush=True,
     )
@@ -100,21 +102,24 @@ def _direct_url_name(settings: Settings) -> str:
     return "STREAMER_LISTEN_DATABASE_URL" if settings.listen_database_url else "DATABASE_URL"
 
 
-def _migrate(settings: Settings, database: Database) -> list[str]:
+def _migrate(settings: Settings, database: Database, *, switch: bool = True) -> list[str]:
     """Apply sql/. Like LISTEN, migrating needs a session of its own (it holds an advisory
     lock), so it goes to the direct connection when the pool goes through PgBouncer. With
-    STREAMER_SOURCE set, the feeds' triggers then send through that source."""
+    STREAMER_SOURCE set and `switch`, the feeds' triggers then send through that source."""
+    source = settings.source if settings.source_given and switch else None
     try:
-        return migrate(database.listen_dsn, settings.source if settings.source_given else None)
+        return migrate(database.listen_dsn, source, files_table=settings.files_table)
     except psycopg.OperationalError as exc:
         raise StartupError(f"cannot use {_direct_url_name(settings)}: {first_line(exc)}") from None
+    except MigrationError as exc:
+        raise StartupError(str(exc)) from None
 
 
-def _check_source(settings: Settings, database: Database) -> None:
+def _check_source(settings: Settings, database: Database, **when: bool) -> None:
     """The database's triggers send through this process's source, and the server lets it
     read them (for wal: wal_level, a role that may replicate): or one line saying why not."""
     try:
-        problem = source_problem(database.listen_dsn, settings.source)
+        problem = source_problem(database.listen_dsn, settings.source, **when)
     except psycopg.Error as exc:
         raise StartupError(f"cannot use {_direct_url_name(settings)}: {first_line(exc)}") from None
     if problem is not None:
@@ -126,8 +131,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve_secret(_settings(args))
     setup_logging(settings)
     with Database.from_settings(settings) as database:
+        # Serving never switches a database others may be serving from: only the embedded
+        # one, or one with no feeds yet. The switch is `streamer migrate`'s.
+        switch = settings.source_given and not args.no_migrate
+        switch = switch and (database.embedded is not None or fresh(database.listen_dsn))
+        _check_source(settings, database, switching=switch, migrated=False)  # before writing
         if not args.no_migrate:
-            _migrate(settings, database)
+            _migrate(settings, database, switch=switch)
         _check_source(settings, database)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
@@ -201,7 +211,14 @@ def parser() -> argparse.ArgumentParser:
 
     mig = commands.add_parser("migrate", help="apply sql/ migrations, each once")
     common(mig)
-    mig.add_argument("--source", help="make the feeds send through notify or wal (STREAMER_SOURCE)")
+    mig.add_argument("--source", help="switch the feeds to notify or wal (STREAMER_SOURCE)")
+    mig.add_argument(
+        "--no-files-table",
+        dest="files_table",
+        action="store_false",
+        default=None,
+        help="leave the built-in files table and feed out (STREAMER_FILES_TABLE=false)",
+    )
     mig.set_defaults(run=cmd_migrate)
 
     token = commands.add_parser("token", help="mint a development HS256 token")

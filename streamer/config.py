@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     listen_database_url: str | None = None
     # Where changes come from: NOTIFY, or logical messages read from the WAL (sources/).
     source: Literal["notify", "wal"] = "notify"
+    # The built-in `files` table and its feed (sql/001_files.sql); off: `migrate` leaves it out.
+    files_table: bool = True
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8080, ge=0, le=65535)
     jwt_secret: str | None = None

@@ -1,11 +1,10 @@
-"""Where the database is: migrations (psycopg, synchronous), the pool, the embedded server."""
+"""Where the database is: what a source needs of it, the pool, the embedded server
+(migrations: streamer/migrations.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -15,89 +14,49 @@ from psycopg2.extras import LogicalReplicationConnection
 
 from streamer.config import Settings
 from streamer.embedded import EmbeddedPostgres
+from streamer.migrations import applied_problem, pending, server_problem
+from streamer.migrations import migrate as migrate
+from streamer.migrations import migrations as migrations
 
 log = logging.getLogger(__name__)
 
-# Any constant will do: it only keeps two processes from migrating at once.
-MIGRATION_LOCK = 7_140_214_511
 EMBEDDED_DATABASE = "streamer"
 
 
-def sql_dir() -> Path:
-    """The migrations: inside the installed package, or beside it in a source checkout."""
-    packaged = Path(__file__).parent / "sql"
-    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "sql"
-
-
-def migrations() -> list[Path]:
-    return sorted(sql_dir().glob("*.sql"))
-
-
-def migrate(dsn: str, source: str | None = None) -> list[str]:
-    """Apply every migration not yet recorded, in file-name order; returns those applied.
-    With a `source` ('notify' or 'wal'), the feeds' triggers then send through it."""
-    applied: list[str] = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        # Held until the connection closes, however the run ends: an unlock in a `finally`
-        # fails on a connection cut mid-query (a SIGTERM) and hides why the run ended.
-        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute("create schema if not exists streamer")
-        conn.execute(
-            "create table if not exists streamer.migrations ("
-            " name text primary key, checksum text not null,"
-            " applied_at timestamptz not null default now())"
-        )
-        done = {name for (name,) in conn.execute("select name from streamer.migrations")}
-        for path in migrations():
-            if path.name in done:
-                continue
-            text = path.read_text()
-            with conn.transaction():
-                conn.execute(sql.SQL(text))
-                conn.execute(
-                    "insert into streamer.migrations (name, checksum) values (%s, %s)",
-                    (path.name, hashlib.sha256(text.encode()).hexdigest()),
-                )
-            applied.append(path.name)
-            log.info("applied migration %s", path.name)
-        if source is not None:
-            conn.execute("select streamer.use_source(%s)", (source,))
-    return applied
-
-
-def source_problem(dsn: str, source: str) -> str | None:
+def source_problem(
+    dsn: str, source: str, *, switching: bool = False, migrated: bool = True
+) -> str | None:
     """What keeps this process's change source from working with the database, in one line
-    for the operator; None when nothing does."""
+    for the operator; None when nothing does. Only reads: a refusal changes nothing.
+
+    `switching`: the database may be switched to `source` (then only the server is
+    checked); `migrated`: the migrations should all be applied by now."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        try:
-            row = conn.execute("select source from streamer.config").fetchone()
-        except psycopg.errors.UndefinedTable:
-            return "the database has no feeds yet: run `streamer migrate` first"
+        problem = applied_problem(conn)
+        if problem is not None:
+            return problem
+        waiting = pending(conn)
+        if migrated and waiting:
+            return f"the database needs migrating ({', '.join(waiting)}): run `streamer migrate`"
+        configured = conn.execute("select to_regclass('streamer.config')").fetchone() != (None,)
+        row = conn.execute("select source from streamer.config").fetchone() if configured else None
         recorded = row[0] if row else "notify"
-        if recorded != source:
+        if configured and recorded != source and not switching:
             return (
                 f"STREAMER_SOURCE is {source}, but the database's feeds send through"
-                f" {recorded}: run `STREAMER_SOURCE={source} streamer migrate`"
+                f" {recorded}: switch them with `STREAMER_SOURCE={source} streamer migrate`"
                 f" (or serve with STREAMER_SOURCE={recorded})"
             )
-        if source != "wal":
-            return None
-        level = conn.execute("show wal_level").fetchone()
-        if level is None or level[0] != "logical":
-            return (
-                "STREAMER_SOURCE=wal needs wal_level = logical (the server has"
-                f" {level[0] if level else 'unknown'}): set it and restart Postgres"
-            )
-        role, may = conn.execute(
-            "select current_user, rolreplication or rolsuper from pg_roles"
-            " where rolname = current_user"
-        ).fetchone() or ("?", False)
-        if not may:
-            return (
-                f"STREAMER_SOURCE=wal needs a role that may replicate: `alter role {role}"
-                " replication` (or connect as one)"
-            )
+        problem = server_problem(conn, source)
+    if problem is not None or source != "wal":
+        return problem
     return replication_problem(dsn)
+
+
+def fresh(dsn: str) -> bool:
+    """The database has no feeds yet: nothing can be running against it."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute("select to_regclass('streamer.config')").fetchone() == (None,)
 
 
 def replication_problem(dsn: str) -> str | None:

@@ -43,6 +43,13 @@ from streamer.sources import CONNECTION_ERRORS, Source
 log = logging.getLogger(__name__)
 
 MARKER = '{"marker":"'  # not a change: see Dispatcher._mark
+DEAF = "This server cannot read the database's changes now; retry shortly."
+
+
+class Deaf(Exception):
+    """This process cannot follow the database's changes (see Dispatcher.stop_reading)."""
+
+
 NOTHING = Snapshot(0, 0, frozenset())
 
 
@@ -109,6 +116,12 @@ class Dispatcher:
         self._drain: asyncio.Task[None] | None = None
         self._marker: tuple[str, Snapshot] | None = None
         self._key = b""  # what the feed's triggers sign with: read at each connect
+        # Why this process cannot follow the changes (None: it can), and whether that lasts
+        # until it is restarted (a change it cannot read) or until the source matches again.
+        self.deaf: str | None = None
+        self._deaf_for_good = False
+        self._hears = asyncio.Event()
+        self._hears.set()
 
     # -- sessions -------------------------------------------------------------------
 
@@ -118,11 +131,14 @@ class Dispatcher:
         task's supervisor to log, count and restart."""
         failures = 0
         while True:
+            await self._hears.wait()
             try:
                 await self._session()
                 failures = 0
             except CONNECTION_ERRORS as exc:
                 log.warning("change connection failed: %s", exc.__class__.__name__)
+            except Deaf:
+                failures = 0
             finally:
                 await self._teardown()
             failures += 1
@@ -232,6 +248,37 @@ class Dispatcher:
     async def close(self) -> None:
         await self._teardown()
 
+    # -- deafness -------------------------------------------------------------------
+
+    async def check_source(self) -> None:
+        """Whether the database's triggers still send the way this process reads (`streamer
+        migrate` with another STREAMER_SOURCE switches them); run after each read of the
+        feeds, which the switch itself prompts."""
+        recorded = await self.reads.source()
+        if recorded != self.source.name:
+            self.stop_reading(
+                f"the database's feeds send through {recorded}, this process reads"
+                f" {self.source.name}: serve with STREAMER_SOURCE={recorded}"
+            )
+        elif self.deaf is not None and not self._deaf_for_good:
+            log.info("the database's feeds send through %s again", recorded)
+            self.deaf = None
+            self.hub.accept()
+            self._hears.set()
+
+    def stop_reading(self, why: str, *, for_good: bool = False) -> None:
+        """Changes may be passing this process by: every stream ends (its client resumes
+        elsewhere from its cursor), new ones get 503, /readyz says why; never open and deaf."""
+        if self.deaf is None:
+            log.error("%s: ending every stream, not ready", why)
+        self.deaf = why
+        self._deaf_for_good = self._deaf_for_good or for_good
+        self._hears.clear()
+        self.ready.clear()
+        self.metrics.listener_up.set(0)
+        self.hub.refuse(DEAF)
+        self._fail(Deaf(why))
+
     # -- payloads -------------------------------------------------------------------
 
     def _receive(self, payload: str) -> None:
@@ -282,8 +329,13 @@ class Dispatcher:
             else:  # enable_feed or disable_feed: read the feeds again
                 self.feeds.changed()
         except ValidationError:
-            log.warning("ignored a signed payload this version cannot read")
+            # Signed: a real change, that streams would miss. A later release's, met during
+            # a rolling deploy: leave it to the processes that can read it.
             self.metrics.notifications_rejected.inc()
+            self.stop_reading(
+                "a change of a format this release cannot read: upgrade this process",
+                for_good=True,
+            )
         return None
 
     def _dispatch_ready(self) -> None:

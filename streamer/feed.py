@@ -36,6 +36,9 @@ MAX_CURSOR_DIGITS = 19
 BIGINT_MAX = 2**63 - 1
 # A horizon times VERSION_SCALE is still a bigint, and a cursor fits MAX_CURSOR_DIGITS.
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
+# The envelope's format ("ev", 1 when absent): a later release that changes what a change
+# carries raises it, and a process meeting a format it does not know stops serving.
+FORMAT = 1
 SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
 BATCH = 1000  # rows a snapshot or catch-up reads (and writes) at a time
 
@@ -112,14 +115,14 @@ class Feed:
         """Rows as streams send them, with what the service routes on."""
         return (
             f'select streamer."{self.name}_row"(r) as row, r."{self.owner_column}"::text as owner,'
-            f" r.id::text as id, r.version, {self.terminal_sql} as terminal"
+            f" r.id::text as id, r.streamer_version as version, {self.terminal_sql} as terminal"
             f" from {self.relation} r where {where}"
         )
 
     def since(self, tombstones: bool) -> str:
         """Rows of owners $1 at versions >= $2 in version order and, with `tombstones`, the
         deletes among them, except of a row that is back (then its row says it all)."""
-        rows = self.select(f"{self.owner_in('$1')} and r.version >= $2")
+        rows = self.select(f"{self.owner_in('$1')} and r.streamer_version >= $2")
         if not tombstones:
             return rows + " order by version"
         gone = (
@@ -142,13 +145,15 @@ class Feed:
             return (
                 f'select owner, count(*)::int as n from (select r."{self.owner_column}"::text'
                 f" as owner from {self.relation} r where {self.owner_in('$1')}"
-                " and r.version >= $2 union all select t.owner_id from streamer.tombstones t"
+                " and r.streamer_version >= $2 union all select t.owner_id"
+                " from streamer.tombstones t"
                 " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2) c"
                 " group by owner"
             )
         return (
             f"select o.owner, (select count(*) from (select from {self.relation} r"
-            f' where r."{self.owner_column}" = o.owner::{self.owner_type} and r.version >= $2'
+            f' where r."{self.owner_column}" = o.owner::{self.owner_type}'
+            " and r.streamer_version >= $2"
             f" limit {cap:d}) x) + (select count(*) from (select from streamer.tombstones t"
             " where t.feed = $3 and t.owner_id = o.owner and t.version >= $2"
             f" limit {cap:d}) y) as n from unnest($1::text[]) o(owner)"
@@ -184,6 +189,8 @@ class Feeds:
     ) -> None:
         self.load = load
         self.on_disabled = on_disabled
+        # Run after each read (the dispatcher checks the database's source then).
+        self.after: Callable[[], Awaitable[None]] | None = None
         self.interval = interval
         self.by_name: dict[str, Feed] = {}
         self._wake = asyncio.Event()
@@ -205,6 +212,8 @@ class Feeds:
                 self.on_disabled(name)  # gone, or its configuration changed: streams restart
         for name in found.keys() - before.keys():
             log.info("feed %r enabled", name)
+        if self.after is not None:
+            await self.after()
 
     async def run(self) -> None:
         while True:
@@ -237,6 +246,7 @@ class Row:
 class Notification(BaseModel):
     """The envelope a feed trigger signs and sends; the row, when it fits, follows it."""
 
+    format: int = Field(default=1, alias="ev", ge=1, le=FORMAT)
     feed: str = Field(alias="f")
     op: Literal["u", "d", "t"] = Field(alias="o")  # update (or insert), delete, truncate
     id: str | int | None = None
@@ -295,6 +305,11 @@ class Reads:
     async def signing_key(self) -> bytes:
         key: bytes = await self.pool.fetchval("select key from streamer.signing_key")
         return key
+
+    async def source(self) -> str:
+        """How the feeds' triggers send now (`streamer.use_source`)."""
+        source: str = await self.pool.fetchval("select source from streamer.config")
+        return source
 
     async def feeds(self) -> dict[str, Feed]:
         records = await self.pool.fetch(

@@ -199,6 +199,7 @@ class Hub:
         self._per_user: dict[str, int] = {}
         self.count = 0
         self.stopping = False
+        self.refusing: str | None = None  # why new streams get 503 (see refuse)
         # Every change not yet dispatched was made by a transaction with id >= watermark.
         # Transaction ids are database-wide: one watermark serves every feed.
         self.watermark = 0
@@ -228,6 +229,8 @@ class Hub:
     def subscribe(self, feed: Feed, owner: str, user: str, row_id: str | None = None) -> Subscriber:
         if self.stopping:
             raise Unavailable("This server is shutting down; retry shortly.")
+        if self.refusing is not None:
+            raise Unavailable(self.refusing)
         if self._per_user.get(user, 0) >= self.max_streams_per_owner:
             self.metrics.rejected_streams.labels("per_user").inc()
             raise TooManyStreams()
@@ -260,6 +263,15 @@ class Hub:
         for sub in list(self.subscribers()):
             if feed is None or sub.feed.name == feed:
                 sub.close(reason)
+
+    def refuse(self, message: str) -> None:
+        """End every stream and refuse new ones with `message` (503) until `accept`: this
+        process cannot tell them what changes."""
+        self.refusing = message
+        self.close_all("unavailable")
+
+    def accept(self) -> None:
+        self.refusing = None
 
     def shutdown(self) -> None:
         """End every stream and refuse new ones: the process is stopping."""

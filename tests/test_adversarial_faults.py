@@ -218,7 +218,8 @@ async def assert_everyone_caught_up(
 ) -> None:
     for client in clients:
         rows = await db.fetch(
-            "select id, filename, status, progress, version from files where user_id = $1",
+            "select id, filename, status, progress, streamer_version as version from files"
+            " where user_id = $1",
             client.user,
         )
         expected = {row["id"]: state(row) for row in rows}
@@ -494,7 +495,9 @@ async def restart_and_crash_under_open_streams(own_postgres: EmbeddedPostgres) -
                 assert all(e.file["id"] == str(file_id) for e in events if e.name != "heartbeat")
                 last = [e for e in rest if e.name == "file-update"][-1]
                 assert last.file["status"] == "ready"
-                final = await db.fetchval("select version from files where id = $1", file_id)
+                final = await db.fetchval(
+                    "select streamer_version from files where id = $1", file_id
+                )
                 assert last.file["version"] == final
     finally:
         await stop_service(service)

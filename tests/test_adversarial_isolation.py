@@ -279,7 +279,8 @@ class World:
     async def insert(self, user: int) -> None:
         name = f"file-{uuid.uuid4().hex}.pdf"
         row = await self.db.fetchrow(
-            "insert into files (user_id, filename) values ($1, $2) returning id, version",
+            "insert into files (user_id, filename) values ($1, $2)"
+            " returning id, streamer_version as version",
             self.users[user],
             name,
         )
@@ -294,7 +295,7 @@ class World:
             return
         version = await self.db.fetchval(
             "update files set status = $2, progress = $3, error_message = $4 where id = $1"
-            " returning version",
+            " returning streamer_version",
             file_id,
             step.status,
             step.progress,
@@ -317,7 +318,7 @@ class World:
             return
         user = step.user if step.user != self.owner[file_id] else (step.user + 1) % USERS
         version = await self.db.fetchval(
-            "update files set user_id = $2 where id = $1 returning version",
+            "update files set user_id = $2 where id = $1 returning streamer_version",
             file_id,
             self.users[user],
         )
@@ -362,7 +363,8 @@ class World:
             # A plain stream sends nothing of the past: its client reads the rest first. What
             # was in flight still arrives, and is dropped by version when stale.
             rows = await self.db.fetch(
-                "select id, filename, status, progress, version from files where user_id = $1",
+                "select id, filename, status, progress, streamer_version as version from files"
+                " where user_id = $1",
                 self.users[step.user],
             )
             for row in rows:
@@ -468,7 +470,8 @@ async def assert_converged(world: World, watcher: Watcher) -> None:
     user_id = world.users[watcher.user]
     if watcher.target is None:
         rows = await world.db.fetch(
-            "select id, filename, status, progress, version from files where user_id = $1",
+            "select id, filename, status, progress, streamer_version as version from files"
+            " where user_id = $1",
             user_id,
         )
         expected = {row["id"]: state(row) for row in rows}
@@ -481,7 +484,8 @@ async def assert_converged(world: World, watcher: Watcher) -> None:
         assert not watcher.ended
         return
     row = await world.db.fetchrow(
-        "select filename, status, progress, version, user_id from files where id = $1",
+        "select filename, status, progress, streamer_version as version, user_id from files"
+        " where id = $1",
         watcher.target,
     )
     first = watcher.events[0][2]["file"]
@@ -592,7 +596,7 @@ async def test_a_row_too_big_to_travel_never_arrives_older_after_newer(
             )
             await db.execute("update files set status = 'processing' where id = $1", file_id)
         await db.execute("update files set progress = 99 where id = $1", file_id)
-        final = await db.fetchval("select version from files where id = $1", file_id)
+        final = await db.fetchval("select streamer_version from files where id = $1", file_id)
         versions: list[int] = []
         while not versions or versions[-1] != final:
             versions.append((await stream.next()).file["version"])

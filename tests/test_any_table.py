@@ -78,17 +78,19 @@ async def enable_feed(
     event: str | None = None,
     terminal: str | None = None,
     columns: list[str] | None = None,
+    replace: bool = False,
 ) -> Feed:
-    """Enable (or reconfigure) a feed as a person at psql would, and wait until the running
-    service serves it as `streamer.feeds` now says."""
+    """Enable (or, with `replace`, reconfigure) a feed as a person at psql would, and wait
+    until the running service serves it as `streamer.feeds` now says."""
     await owner_db.execute(
         "select streamer.enable_feed($1::text::regclass, owner_column => $2, event => $3,"
-        " terminal => $4, columns => $5)",
+        " terminal => $4, columns => $5, replace => $6)",
         table,
         owner_column,
         event,
         terminal,
         columns,
+        replace,
     )
     # What the service will find when it reads the feeds again (enable_feed's signal).
     feed: Feed = (await service.app[keys.DISPATCHER].reads.feeds())[table]
@@ -485,7 +487,7 @@ BAD_INPUT: dict[str, tuple[str, str, dict[str, Any], str]] = {
         "create table bad (id numeric primary key, owner_id text)",
         "bad",
         {},
-        "the id of bad must be uuid, bigint or text",
+        "the id of bad must be uuid, an integer (bigint, integer, smallint) or text",
     ),
     "a missing owner column": (
         "create table bad (id bigint primary key, user_id text)",
@@ -584,7 +586,7 @@ async def test_enable_feed_refuses_bad_input_with_a_clear_error_and_creates_noth
                (select count(*) from pg_proc where pronamespace = 'streamer'::regnamespace
                   and proname ilike 'bad%') as functions,
                (select count(*) from pg_attribute where attrelid = $1::text::regclass
-                  and attname = 'version') as version_columns
+                  and attname = 'streamer_version') as version_columns
         """,
         table,
     )
@@ -603,6 +605,7 @@ async def test_enable_feed_again_with_other_arguments_reconfigures_the_feed(
             event="task",
             terminal="status = 'cancelled'",
             columns=["status"],
+            replace=True,
         )
         await before.end()  # its events are named otherwise now: the client reconnects
 

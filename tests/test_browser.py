@@ -225,7 +225,9 @@ class Page:
 async def state(db: asyncpg.Connection, file_id: uuid.UUID) -> dict[str, Any]:
     """What the page should show of a file: its row, as the database has it now."""
     row = await db.fetchrow(
-        "select status, progress, version, filename as name from files where id = $1", file_id
+        "select status, progress, streamer_version as version, filename as name from files"
+        " where id = $1",
+        file_id,
     )
     assert row is not None
     return dict(row)

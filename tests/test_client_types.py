@@ -229,7 +229,8 @@ def a_files_row(database_url: str) -> Row:
             (row_id,),
         )
         record = conn.execute(
-            "select user_id::text, version, streamer.files_row(f) from files f where id = %s",
+            "select user_id::text, streamer_version, streamer.files_row(f) from files f"
+            " where id = %s",
             (row_id,),
         ).fetchone()
     assert record is not None

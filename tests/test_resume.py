@@ -69,7 +69,8 @@ async def test_a_resumed_stream_gets_the_latest_state_of_what_changed_and_what_w
         for name in ("kept", "changed", "deleted", "gone")
     ]
     cursor = await cursor_after(service, db, user)
-    versions_held = {str(kept): await db.fetchval("select version from files where id=$1", kept)}
+    held = await db.fetchval("select streamer_version from files where id=$1", kept)
+    versions_held = {str(kept): held}
 
     for progress in (10, 20, 30):
         await db.execute("update files set progress = $2 where id = $1", changed, progress)

@@ -22,6 +22,7 @@ CONNECTION_ERRORS = (
 
 
 class Source(Protocol):
+    name: str  # what STREAMER_SOURCE names it: notify or wal
     description: str  # for the log, once changes flow: "listening on channel 'streamer'"
 
     async def connect(self, receive: Callable[[str], None]) -> None:

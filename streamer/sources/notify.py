@@ -12,6 +12,7 @@ from streamer.feed import CHANNEL
 
 
 class NotifySource:
+    name = "notify"
     description = f"listening on channel {CHANNEL!r}"
 
     def __init__(

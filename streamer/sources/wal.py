@@ -37,6 +37,7 @@ _LENGTH = struct.Struct("!i")
 
 
 class WalSource:
+    name = "wal"
     description = f"reading messages {CHANNEL!r} from the WAL"
 
     def __init__(

@@ -36,8 +36,8 @@ begin
     end if;
     if not pg_has_role(current_user, table_owner, 'USAGE') then
         raise exception using errcode = 'insufficient_privilege', message = format(
-            'streamer: %s(%s) needs the rights of its owner %s: as %s, run `grant %s to %s`',
-            what, tbl, table_owner, table_owner, table_owner, current_user);
+            'streamer: %s(%s) needs the rights of its owner %s: `grant %s to %s` (as a superuser, or a role with admin option on %s)',
+            what, tbl, table_owner, table_owner, current_user, table_owner);
     end if;
 end
 $may$;

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
+import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -82,6 +84,38 @@ def create_writer_role(conn: psycopg.Connection[Any]) -> None:
                     sql.Identifier(WRITER), sql.Literal(WRITER_PASSWORD)
                 )
             )
+
+
+PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@contextlib.contextmanager
+def system_postgres15(*options: str) -> Iterator[tuple[str, str]]:
+    """A throwaway cluster of the system's PostgreSQL 15 (users bring their own server),
+    started with these server options: (TCP URL, Unix socket URL). Skips without one."""
+    if not (PG15_BIN / "postgres").exists():
+        pytest.skip("no system PostgreSQL 15 installed")
+    from streamer.embedded import _free_port, ensure_system_user
+
+    root = Path(tempfile.mkdtemp(prefix="streamer-pg15-"))
+    data, port = root / "data", _free_port()
+    user = None
+    if os.geteuid() == 0:  # Postgres refuses to run as root
+        user = ensure_system_user().pw_name
+        shutil.chown(root, user)
+
+    def run(*args: object, check: bool = True) -> None:
+        subprocess.run([str(a) for a in args], check=check, capture_output=True, user=user)
+
+    run(PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
+    server = " ".join((f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", *options))
+    run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", server, "start")
+    try:
+        tcp = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield tcp, f"postgresql://postgres@/postgres?host={root}&port={port}"
+    finally:
+        run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop", check=False)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass

@@ -5,13 +5,8 @@ source under test: its connection killed, a change made meanwhile still arrives.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -24,11 +19,10 @@ from tests.conftest import (
     migrate_for_tests,
     start_service,
     stop_service,
+    system_postgres15,
     token_for,
 )
 from tests.sse import open_stream
-
-PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 
 
 async def stream_one_change(url: str) -> None:
@@ -66,31 +60,10 @@ async def test_the_service_works_over_a_unix_socket(postgres: PostgresServer, da
 
 @pytest.fixture(scope="module")
 def postgres15() -> Iterator[tuple[str, str]]:
-    """A throwaway PostgreSQL 15 cluster: (TCP URL, Unix socket URL)."""
-    if not (PG15_BIN / "postgres").exists():
-        pytest.skip("no system PostgreSQL 15 installed")
-    from streamer.embedded import _free_port, ensure_system_user
-
-    root = Path(tempfile.mkdtemp(prefix="streamer-pg15-"))
-    data, port = root / "data", _free_port()
-    user = None
-    if os.geteuid() == 0:  # Postgres refuses to run as root
-        user = ensure_system_user().pw_name
-        shutil.chown(root, user)
-
-    def run(*args: object, check: bool = True) -> None:
-        subprocess.run([str(a) for a in args], check=check, capture_output=True, user=user)
-
-    run(PG15_BIN / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
-    options = f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off -c wal_level=logical"
-    run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-l", root / "log", "-o", options, "start")
-    try:
-        tcp = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-        migrate_for_tests(tcp)
-        yield tcp, f"postgresql://postgres@/postgres?host={root}&port={port}"
-    finally:
-        run(PG15_BIN / "pg_ctl", "-D", data, "-w", "-m", "immediate", "stop", check=False)
-        shutil.rmtree(root, ignore_errors=True)
+    """A throwaway PostgreSQL 15 cluster, migrated: (TCP URL, Unix socket URL)."""
+    with system_postgres15("-c", "wal_level=logical") as urls:
+        migrate_for_tests(urls[0])
+        yield urls
 
 
 async def test_the_service_works_on_postgres_15_over_tcp(postgres15):

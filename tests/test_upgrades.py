@@ -1,0 +1,224 @@
+"""Upgrades (the contract's "Upgrades"): a database migrated by an earlier release upgrades
+in place and its cursors resume with nothing lost; during a rolling deploy a process of the
+previous release goes on delivering after the new migration; a process that meets a change
+it cannot read (a later release's) ends its streams and is unready, never silent."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import psycopg
+import pytest
+
+from streamer import keys
+from streamer.embedded import _free_port
+from streamer.migrations import checksum, migrate, migrations
+from tests.conftest import (
+    SECRET,
+    SOURCE,
+    PostgresServer,
+    Service,
+    fresh_database,
+    insert_file,
+    send_raw,
+    start_service,
+    stop_service,
+    token_for,
+)
+from tests.sse import open_stream
+
+ROOT = Path(__file__).parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+PREVIOUS = "f9a6801"  # the release before this one: its sql/ is 001-004 as shipped
+EVENTS = "/api/files/events"
+
+
+def bearer(user: uuid.UUID) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(user)}"}
+
+
+def apply_release_5a255a1(url: str) -> None:
+    """sql/ as release 5a255a1 shipped it (001 as today, 002 before it changed), recorded as
+    its runner recorded it."""
+    files = [ROOT / "sql" / "001_files.sql", FIXTURES / "release-5a255a1" / "002_feed.sql"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("create schema streamer")
+        conn.execute(
+            "create table streamer.migrations (name text primary key, checksum text not null,"
+            " applied_at timestamptz not null default now())"
+        )
+        for path in files:
+            text = path.read_text()
+            conn.execute(text)
+            conn.execute(
+                "insert into streamer.migrations (name, checksum) values (%s, %s)",
+                (path.name, checksum(text)),
+            )
+
+
+async def horizon(db: asyncpg.Connection) -> str:
+    """A cursor issued now: every later change is made by a transaction at or above it."""
+    value: int = await db.fetchval("select txid_snapshot_xmin(txid_current_snapshot())")
+    return str(value)
+
+
+async def test_a_database_of_release_5a255a1_upgrades_in_place_and_its_cursors_resume(
+    postgres: PostgresServer,
+) -> None:
+    user = uuid.uuid4()
+    with fresh_database(postgres, None) as url:
+        apply_release_5a255a1(url)
+        db = await asyncpg.connect(url)
+        try:
+            kept = await insert_file(db, user, "kept.pdf")
+            doomed = await insert_file(db, user, "doomed.pdf")
+            cursor = await horizon(db)  # what a browser of that release holds
+            # Changed after the cursor, under that release's triggers, while nobody streams.
+            await db.execute("update files set progress = 70 where id = $1", kept)
+            await db.execute("delete from files where id = $1", doomed)
+            old_version = await db.fetchval("select version from files where id = $1", kept)
+
+            applied = migrate(url, SOURCE)
+            assert applied == [p.name for p in migrations()][2:]
+            service = await start_service(url)
+            try:
+                async with open_stream(
+                    service.session,
+                    service.url(EVENTS),
+                    token_for(user),
+                    headers={"Last-Event-ID": cursor},
+                    synced=False,
+                ) as stream:
+                    caught_up = await stream.until("synced")
+            finally:
+                await stop_service(service)
+        finally:
+            await db.close()
+    seen = {(e.name, e.file["id"]) for e in caught_up if e.name.startswith("file-")}
+    assert seen == {("file-update", str(kept)), ("file-deleted", str(doomed))}
+    update = next(e for e in caught_up if e.name == "file-update")
+    assert (update.file["progress"], update.file["version"]) == (70, old_version)
+
+
+async def test_a_change_of_a_later_format_ends_the_streams_and_the_process_stays_unready(
+    service: Service, owner_db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    key: bytes = await owner_db.fetchval("select key from streamer.signing_key")
+    change = {"ev": 2, "f": "files", "o": "u", "id": str(uuid.uuid4()), "u": str(user),
+              "v": 1, "x": 1, "m": 1, "e": False, "new": "what a later release adds"}  # fmt: skip
+    future = json.dumps(change)
+    signed = hmac.new(key, future.encode(), hashlib.sha256).hexdigest() + future
+    async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
+        await send_raw(owner_db, signed)
+        await stream.end()
+    dispatcher = service.app[keys.DISPATCHER]
+    assert dispatcher.deaf is not None and "cannot read" in dispatcher.deaf
+    async with service.session.get(service.url("/readyz")) as ready:
+        assert ready.status == 503
+    # Later changes, and the feeds read again, do not make it believe it can follow now.
+    await insert_file(owner_db, user)
+    await service.app[keys.FEEDS].refresh()
+    async with service.session.get(service.url(EVENTS), headers=bearer(user)) as refused:
+        assert (refused.status, (await refused.json())["code"]) == (503, "UNAVAILABLE")
+
+
+# -- a rolling deploy: the previous release's node beside this one ----------------------
+
+
+@pytest.fixture(scope="module")
+def previous_release() -> Iterator[Path]:
+    """The previous release's code, from this repository's history."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("no git history to take the previous release from")
+    where = Path(tempfile.mkdtemp(prefix="streamer-previous-"))
+    archive = where / "release.tar"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "-o", str(archive), PREVIOUS, "streamer", "sql"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    with tarfile.open(archive) as tar:
+        tar.extractall(where, filter="data")
+    yield where
+    shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+async def previous_node(
+    previous_release: Path, postgres: PostgresServer
+) -> AsyncIterator[tuple[str, str]]:
+    """A node of the previous release serving a database it migrated: (its URL, the
+    database's)."""
+    with fresh_database(postgres, None) as url:
+        port = _free_port()
+        env = {
+            **os.environ, "PYTHONPATH": str(previous_release), "DATABASE_URL": url,
+            "STREAMER_JWT_SECRET": SECRET, "STREAMER_SOURCE": SOURCE,
+            "STREAMER_PORT": str(port),
+        }  # fmt: skip
+        node = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamer", "serve", cwd=previous_release, env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as session, asyncio.timeout(60):
+                while True:
+                    assert node.returncode is None, "the previous release's node exited"
+                    try:
+                        async with session.get(base + "/readyz") as ready:
+                            if ready.status == 200:
+                                break
+                    except aiohttp.ClientConnectionError:
+                        pass
+                    await asyncio.sleep(0.1)
+            yield base, url
+        finally:
+            node.terminate()
+            await node.wait()
+
+
+async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migration(
+    previous_node: tuple[str, str], user: uuid.UUID
+) -> None:
+    base, url = previous_node
+    async with (
+        aiohttp.ClientSession() as session,
+        open_stream(session, base + EVENTS, token_for(user)) as old,
+    ):
+        assert migrate(url, SOURCE) == ["005_own_column.sql"]
+        new = await start_service(url)
+        db = await asyncpg.connect(url)
+        try:
+            async with open_stream(new.session, new.url(EVENTS), token_for(user)) as fresh:
+                file_id = await insert_file(db, user, "deployed.pdf")
+                on_old, on_new = await old.next(), await fresh.next()
+                version = await db.fetchval(
+                    "select streamer_version from files where id = $1", file_id
+                )
+            # A new stream on the previous release's node cannot read a snapshot any more:
+            # refused (503, which nginx passes to the next node), never open and wrong.
+            async with session.get(base + EVENTS, headers=bearer(user)) as refused:
+                assert refused.status == 503
+        finally:
+            await db.close()
+            await stop_service(new)
+    for event in (on_old, on_new):
+        assert (event.name, event.file["id"], event.file["version"]) == (
+            "file-update",
+            str(file_id),
+            version,
+        )

@@ -209,9 +209,10 @@ async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migr
                 version = await db.fetchval(
                     "select streamer_version from files where id = $1", file_id
                 )
-            # A new stream on the previous release's node cannot read a snapshot any more:
-            # refused (503, which nginx passes to the next node), never open and wrong.
-            async with session.get(base + EVENTS, headers=bearer(user)) as refused:
+            # The previous release's node cannot read a snapshot any more: refused (503,
+            # which nginx passes to the next node), never a stream that is open and wrong.
+            snapshot = {"snapshot": "1"}
+            async with session.get(base + EVENTS, headers=bearer(user), params=snapshot) as refused:
                 assert refused.status == 503
         finally:
             await db.close()

@@ -59,7 +59,7 @@ end $$;
 # The files feed as sql/003_feeds.sql enables it.
 ENABLE_FILES = (
     "select streamer.enable_feed('files', owner_column => 'user_id', event => 'file', "
-    "terminal => $$status in ('ready', 'failed')$$)"
+    "terminal => $$status in ('ready', 'failed')$$, replace => true)"  # its triggers again
 )
 DROP_FEED = (
     "drop trigger if exists streamer_stamp on files",

@@ -179,7 +179,9 @@ def table_fields(database_url: str) -> Fields:
             ts = {TS_OF_POSTGRES[data_type]}
         else:
             raise AssertionError(f"no TypeScript equivalent known for {column} {data_type}")
-        fields[column] = frozenset(ts | {"null"} if nullable else ts)
+        # The feed's own column travels as "version" (an app's `version` is not sent).
+        sent_as = "version" if column == "streamer_version" else column
+        fields[sent_as] = frozenset(ts | {"null"} if nullable else ts)
     return fields
 
 

@@ -163,7 +163,9 @@ class Tabs:
 async def database_rows(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, dict[str, str]]:
     """What every tab should show: the user's rows as the database has them now."""
     rows = await db.fetch(
-        "select id, status, progress, version, filename from files where user_id = $1", user
+        "select id, status, progress, streamer_version as version, filename from files"
+        " where user_id = $1",
+        user,
     )
     return {
         str(row["id"]): {

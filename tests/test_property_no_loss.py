@@ -119,7 +119,9 @@ class Client:
 
 
 async def rows_of(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, tuple[int, int, str]]:
-    rows = await db.fetch("select id, version, progress, status from files where user_id=$1", user)
+    rows = await db.fetch(
+        "select id, streamer_version as version, progress, status from files where user_id=$1", user
+    )
     return {str(r["id"]): (r["version"], r["progress"], r["status"]) for r in rows}
 
 
@@ -186,7 +188,8 @@ async def scenario(url: str, ops: list[Op]) -> None:
                 async with db.transaction():
                     await db.execute("update files set progress = 1 where id = $1", first)
                     owner, version = await other.fetchrow(
-                        "update files set progress = 2 where id = $1 returning user_id, version",
+                        "update files set progress = 2 where id = $1"
+                        " returning user_id, streamer_version",
                         second,
                     )
                     client = clients[users.index(owner)]

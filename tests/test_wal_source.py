@@ -149,7 +149,9 @@ def owned_database(postgres: PostgresServer) -> Iterator[str]:
                 )
             )
         owned = as_role(url, OWNER, "owner")
-        migrate(owned, "wal")
+        migrate(owned)
+        with psycopg.connect(url, autocommit=True) as conn:  # switched by a superuser
+            conn.execute("select streamer.use_source('wal')")
         yield owned
 
 
@@ -167,7 +169,11 @@ def test_a_server_without_logical_wal_is_one_start_up_line(tmp_path: Path):
     server = EmbeddedPostgres(tmp_path / "pg", fast=True, options="-c wal_level=replica")
     server.start()
     try:
-        migrate(server.url(), "wal")  # messages are written whatever the wal_level
+        migrate(server.url())
+        # Switched while the server had logical WAL, then lowered (a restart with another
+        # postgresql.conf): the process that would read it says so.
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute("update streamer.config set source = 'wal'")
         result = streamer(
             "serve", "--no-migrate", DATABASE_URL=server.url(), STREAMER_JWT_SECRET=SECRET,
             STREAMER_SOURCE="wal",

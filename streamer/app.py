@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from streamer import keys
+from streamer import __version__, keys
 from streamer.auth import Authenticator
 from streamer.config import Settings
 from streamer.db import create_pool
@@ -190,7 +190,7 @@ async def _end_streams(app: web.Application) -> None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:

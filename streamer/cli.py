@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 
+from streamer import __version__
 from streamer.app import create_app
 from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
@@ -26,11 +27,12 @@ from streamer.supervisor import serve_workers
 log = logging.getLogger("streamer")
 
 DESCRIPTION = """\
-Stream Postgres row changes of the `files` table to browsers as Server-Sent Events.
+Stream Postgres row changes to browsers as Server-Sent Events: the built-in `files` table,
+and any table made a feed with `select streamer.enable_feed(...)` (docs/DATABASE.md).
 
   streamer serve      run the service (an embedded Postgres when DATABASE_URL is unset)
-  streamer migrate    apply sql/ to DATABASE_URL
-  streamer token      mint a development HS256 token for a user
+  streamer migrate    apply sql/ to DATABASE_URL (--source switches the change source)
+  streamer token      mint a development HS256 token for an owner (any feed's owner type)
   streamer demo       embedded Postgres + simulated file processor + demo page
 
 Configuration comes from the environment (DATABASE_URL, STREAMER_*); flags override it.
@@ -163,10 +165,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     settings = resolve_secret(_settings(args))
-    try:
-        user = uuid.UUID(args.user)
-    except ValueError:
-        raise ConfigError(f"--user must be a UUID, not {args.user!r}") from None
+    user = args.user.strip()
+    if not user or len(user) > 1024 or "\x00" in user:
+        raise ConfigError(f"--user must be an owner: a UUID or 1 to 1024 characters, not {user!r}")
     if args.ttl <= 0:
         raise ConfigError("--ttl must be a positive number of seconds")
     assert settings.jwt_secret is not None
@@ -193,6 +194,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="streamer", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
+    top.add_argument("--version", action="version", version=f"streamer {__version__}")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -223,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="mint a development HS256 token")
     common(token)
-    token.add_argument("--user", required=True, help="the user id (a UUID): the token's sub")
+    token.add_argument(
+        "--user", required=True, help="the owner the token is for (uuid or text): its sub"
+    )
     token.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (3600)")
     token.set_defaults(run=cmd_token)
 

@@ -15,7 +15,7 @@ from aiohttp import HttpVersion11, web
 
 from streamer import keys
 from streamer.auth import Principal
-from streamer.errors import InvalidParameter, NotFound, Unavailable
+from streamer.errors import InvalidCursor, InvalidParameter, NotFound, Unavailable
 from streamer.feed import (
     Feed,
     Row,
@@ -45,21 +45,48 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
-TRUE, FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _shown(value: str) -> str:
+    """What the client sent, quoted for an error message, never whole when long."""
+    return repr(value if len(value) <= 40 else value[:40] + "…")
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "0").lower()
-    if value in TRUE:
+    value = request.query.get(name, "0")
+    if value.lower() in TRUE:
         return True
-    if value in FALSE:
+    if value.lower() in FALSE:
         return False
-    raise InvalidParameter(f"Query parameter {name} must be 1 or 0.")
+    raise InvalidParameter(
+        f"Query parameter {name} must be 1, true, yes or on (or 0, false, no, off),"
+        f" not {_shown(value)}."
+    )
+
+
+def _raw_cursor(request: web.Request) -> tuple[str, str] | None:
+    """The cursor the client sent and where: the header its browser sends by itself, or
+    the query parameter; None without one."""
+    if request.headers.get("Last-Event-ID"):
+        return "The Last-Event-ID header", request.headers["Last-Event-ID"]
+    if request.query.get("last_event_id"):
+        return "The last_event_id parameter", request.query["last_event_id"]
+    return None
 
 
 def _cursor(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    return None if raw is None or raw == "" else parse_cursor(raw)
+    given = _raw_cursor(request)
+    if given is None:
+        return None
+    where, raw = given
+    try:
+        return parse_cursor(raw)
+    except InvalidCursor:
+        raise InvalidCursor(
+            f"{where} is not a cursor this server issued (a number from an event's id:),"
+            f" it is {_shown(raw)}."
+        ) from None
 
 
 def _feed(request: web.Request) -> Feed:
@@ -230,7 +257,16 @@ async def row_events(request: web.Request) -> web.StreamResponse:
     sub = hub.subscribe(feed, owner, principal.subject, row_id)
     expiry = _expire_at(sub, principal.expires_at)
     try:
-        seen, row = await _read_one(request, feed, owner, row_id)
+        try:
+            seen, row = await _read_one(request, feed, owner, row_id)
+        except NotFound:
+            if _raw_cursor(request) is not None:
+                return web.Response(status=204)  # a reconnect: over, a browser stops
+            raise
+        if row.terminal and _raw_cursor(request) is not None:
+            # Its last state was sent when it ended; a plain EventSource, told 204,
+            # stops reconnecting instead of asking again every `retry:`.
+            return web.Response(status=204)
         response = await _open(request)
         await response.write(feed.update_frame(row, seen.cursor))
         if not row.terminal:

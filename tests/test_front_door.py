@@ -41,11 +41,11 @@ def test_an_empty_owner_is_one_line() -> None:
     assert result.stderr.strip().startswith("streamer: --user must be an owner")
 
 
-async def bad_request(service: Service, params: dict[str, str], **headers: str) -> dict:
+async def bad_request(service: Service, params: dict[str, str], **headers: str) -> dict[str, str]:
     headers["Authorization"] = f"Bearer {token_for(uuid.uuid4())}"
     async with service.session.get(service.url(EVENTS), params=params, headers=headers) as response:
         assert response.status == 400
-        body: dict = await response.json()
+        body: dict[str, str] = await response.json()
         return body
 
 

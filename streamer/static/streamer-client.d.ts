@@ -1,6 +1,6 @@
 // Types for streamer-client.js. Field names are exactly those of the wire format
-// (SPEC.md, "GET /api/files/events"); a test compares them with the Python models, the
-// `files` table and the frames the server builds. Any other feed (SPEC.md, "Any table is a
+// (docs/API.md, "Events"); a test compares them with the Python models, the
+// `files` table and the frames the server builds. Any other feed (docs/DATABASE.md, "Any table is a
 // feed") has the same events with its own row type: the generic types below, whose `Row`
 // defaults to the files feed's.
 
@@ -159,7 +159,7 @@ interface CommonOptions {
   maxRetries?: number;
 }
 
-/** Which feed to follow (SPEC.md, "Any table is a feed"). */
+/** Which feed to follow (docs/DATABASE.md, "Any table is a feed"). */
 export interface FeedOptions extends CommonOptions {
   /** The feed's name (its table): `/api/<feed>/events`. Default "files". */
   feed?: string;

@@ -136,6 +136,8 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    command: list[str]
+    env: Mapping[str, str]
     stopping: bool = False
 
     def tail(self, lines: int = 15) -> str:
@@ -232,7 +234,7 @@ class Stack:
 
     def _spawn(self, name: str, command: list[str], env: Mapping[str, str]) -> Process:
         log = self.directory / f"{name}.log"
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             popen = subprocess.Popen(
                 command,
                 cwd=ROOT,
@@ -243,7 +245,7 @@ class Stack:
                 # Its own session: Ctrl-C reaches us alone, and we stop each part in order.
                 start_new_session=True,
             )
-        process = Process(name, popen, log)
+        process = Process(name, popen, log, command, env)
         self.processes.append(process)
         return process
 
@@ -265,12 +267,24 @@ class Stack:
                 raise StackError(f"{process.name} did not answer {url} in {START_SECONDS:.0f} s")
             time.sleep(0.05)
 
-    def kill_node(self, index: int) -> None:
-        """SIGKILL a node, as a crash or the OOM killer would: no clean end for its streams."""
-        node = self.nodes[index]
-        node.stopping = True
-        node.popen.kill()
-        node.popen.wait()
+    def tend(self) -> str | None:
+        """Restart a streamer node that exited without being asked to (a `kill -9`, a
+        crash), as systemd's `Restart=` would: its tabs carry on through the other node
+        meanwhile, and come back to it after. Says so in one line; None if none did."""
+        for index, process in enumerate(self.processes):
+            if not process.name.startswith("streamer") or process.stopping:
+                continue
+            if process.popen.poll() is None:
+                continue
+            self.processes.pop(index)
+            again = self._spawn(process.name, process.command, process.env)
+            self.processes.insert(index, self.processes.pop())  # stopped in the same order
+            return (
+                f"{process.name} (pid {process.popen.pid}) exited with"
+                f" {process.popen.returncode}: its tabs carry on through the other node;"
+                f" restarted as pid {again.popen.pid}"
+            )
+        return None
 
     def dead(self) -> Process | None:
         """A part that exited without being asked to."""
@@ -336,6 +350,9 @@ def simulated_processor(dsn: str, user: uuid.UUID) -> Iterator[None]:
 def wait_until_stopped(stack: Stack, tick: Callable[[], None] = lambda: None) -> None:
     """Until Ctrl-C or SIGTERM (Stop), or a part dies on its own (StackError)."""
     while True:
+        revived = stack.tend()
+        if revived is not None:
+            print(revived, flush=True)
         dead = stack.dead()
         if dead is not None:
             raise StackError(dead.died())
@@ -402,7 +419,8 @@ The demo user's id:
 The same database, from psql:
   psql "{dsn}" -c "{change}"
 
-Kill a node (its tabs carry on through the other): kill -9 {stack.nodes[0].popen.pid}
+Kill a node (its tabs carry on through the other, and it is restarted):
+  kill -9 {stack.nodes[0].popen.pid}
 Logs: {stack.directory}/*.log. Ctrl-C stops everything.
 """
 

@@ -21,7 +21,12 @@ CLIENT_FILES := streamer-client.js streamer-client.d.ts
 SERVED := $(addprefix streamer/static/,$(CLIENT_FILES))
 APP := examples/sveltekit
 APP_INPUTS := $(shell find $(APP)/src -type f 2>/dev/null) $(addprefix $(APP)/,package.json \
-	svelte.config.js vite.config.ts tsconfig.json) client/package.json \
+	svelte.config.js vite.config.ts tsconfig.json)
+# The app installs the client as a project would: the tarball `npm pack` makes of client/
+# (only what its package.json ships), under the fixed name the app's package.json names. The
+# app's lock holds no checksum for it: npm would serve a changed client stale from its cache.
+PACKED := $(APP)/packed/streamer-client.tgz
+PACKAGE_FILES := client/package.json client/README.md client/LICENSE \
 	$(addprefix client/src/,$(CLIENT_FILES))
 # apt-get as root, or through sudo; sudo drops the environment, so env passes it through.
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
@@ -50,6 +55,16 @@ lock: | $(UV) ## update uv.lock after a change of pyproject.toml's dependencies
 
 streamer/static/%: client/src/%
 	cp $< $@
+
+# The package ships the repository's license (js-test fails if the copy was edited by hand).
+client/LICENSE: LICENSE
+	cp $< $@
+
+$(PACKED): $(PACKAGE_FILES) | js-deps
+	mkdir -p $(@D)
+	rm -f $(@D)/streamer-client-*.tgz
+	cd client && npm pack --ignore-scripts --silent --pack-destination ../$(@D) >/dev/null
+	mv $(@D)/streamer-client-*.tgz $@
 
 run: install ## run the service (embedded Postgres unless DATABASE_URL is set)
 	$(BIN)/streamer serve
@@ -84,8 +99,12 @@ js-deps: ## install Node.js and npm (Debian's) when missing
 		$(APT_INSTALL) npm >/dev/null; \
 	fi
 
-$(APP)/node_modules/.installed: $(APP)/package-lock.json client/package.json | js-deps
+$(APP)/node_modules/.installed: $(APP)/package-lock.json $(PACKED) | js-deps
 	cd $(APP) && npm ci --no-audit --no-fund --loglevel=error
+	@for name in $(CLIENT_FILES); do \
+		cmp -s client/src/$$name $(APP)/node_modules/streamer-client/src/$$name || { \
+			echo "$(APP) installed a streamer-client other than $(PACKED)'s"; exit 1; }; \
+	done
 	touch $@
 
 # Built only when an input changed: type-checked against the client's types, then built.
@@ -104,12 +123,13 @@ format: $(STAMP) ## format the code
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-js-test: js-deps $(SERVED) ## the client package's tests (Node's own runner)
+js-test: js-deps $(SERVED) client/LICENSE ## the client package's tests (Node's own runner)
 	@for name in $(CLIENT_FILES); do \
 		cmp -s client/src/$$name streamer/static/$$name || { \
 			echo "streamer/static/$$name differs from client/src/$$name: edit client/src/"; \
 			exit 1; }; \
 	done
+	@cmp -s LICENSE client/LICENSE || { echo "client/LICENSE differs from LICENSE"; exit 1; }
 	cd client && npm test --silent
 
 # The suite runs once per change source (STREAMER_SOURCE, tests/conftest.py); the wal pass
@@ -131,4 +151,4 @@ soak: install ## the long form of the fault tests
 
 clean: ## remove the venvs, caches, the app's build and the embedded database
 	rm -rf $(VENV) $(UV_HOME) .streamer .mypy_cache .ruff_cache .pytest_cache
-	rm -rf $(APP)/node_modules $(APP)/build $(APP)/.svelte-kit
+	rm -rf $(APP)/node_modules $(APP)/build $(APP)/.svelte-kit $(APP)/packed

@@ -1,5 +1,5 @@
-"""The roles and grants docs/DATABASE.md tells a team to run work as printed, and every link
-of README.md and docs/ stays inside the repository."""
+"""The roles and grants docs/DATABASE.md tells a team to run work as printed, as the roles
+they name."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from streamer.migrations import migrate
 from tests.conftest import PostgresServer, as_role, with_database
 
 ROOT = Path(__file__).parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def sql_blocks(page: Path) -> dict[str, list[str]]:
@@ -42,19 +41,19 @@ def psql(url: str, text: str) -> None:
 def test_the_role_and_grant_lines_of_the_docs_work_as_printed(postgres: PostgresServer) -> None:
     blocks = sql_blocks(ROOT / "docs" / "DATABASE.md")
     with postgres.admin() as conn:
-        for role in ("streamer", "worker", "app_owner"):
-            if conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone():
-                conn.execute(sql.SQL("drop role {}").format(sql.Identifier(role)))
-        conn.execute("drop database if exists app with (force)")
+        taken = conn.execute(
+            "select 1 from pg_roles where rolname in ('streamer', 'worker', 'app_owner')"
+            " union all select 1 from pg_database where datname = 'app'"
+        ).fetchall()
+        if taken:  # never someone else's: roles are the whole server's
+            pytest.skip("this server has a database app or a role the docs create already")
         conn.execute("create database app")
         conn.execute("create role app_owner login password 'change-me'")
     admin = with_database(postgres.admin_url, "app")
     try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("grant create on schema public to app_owner")
-        owner = as_role(admin, "app_owner", "change-me")
-        with psycopg.connect(owner, autocommit=True) as conn:  # the app's own migrations
+        with psycopg.connect(admin, autocommit=True) as conn:  # the app's own migrations
             conn.execute("create table jobs (id bigint primary key, owner_id text, name text)")
+            conn.execute("alter table jobs owner to app_owner")
         for text in blocks["a superuser"]:
             psql(admin, text)
         service = as_role(admin, "streamer", "change-me")
@@ -74,13 +73,3 @@ def test_the_role_and_grant_lines_of_the_docs_work_as_printed(postgres: Postgres
             conn.execute("drop database if exists app with (force)")
             for role in ("streamer", "worker", "app_owner"):
                 conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
-
-
-@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
-def test_every_link_stays_inside_the_repository_and_resolves(page: Path) -> None:
-    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
-        if target.startswith(("http://", "https://", "#", "mailto:")):
-            continue
-        path = (page.parent / target.split("#")[0]).resolve()
-        assert path.is_relative_to(ROOT), f"{page.name} links outside the repository: {target}"
-        assert path.exists(), f"{page.name} links to {target}, which does not exist"

@@ -49,7 +49,10 @@ TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
 def _shown(value: str) -> str:
-    """What the client sent, quoted for an error message, never whole when long."""
+    """What the client sent, quoted for an error message: never whole when long, and never
+    a token pasted into the wrong place (every JWT begins with "eyJ", base64 of '{"')."""
+    if "eyJ" in value:
+        return "what looks like a token (not repeated here)"
     return repr(value if len(value) <= 40 else value[:40] + "…")
 
 

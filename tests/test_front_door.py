@@ -77,6 +77,16 @@ async def test_a_bad_cursor_names_where_it_came_from_and_what_it_was(service: Se
     assert "'" + "x" * 40 + "…'" in body["error"]
 
 
+@pytest.mark.parametrize("parameter", ["last_event_id", "snapshot"])
+async def test_a_token_sent_as_a_parameter_is_never_repeated_in_the_error(
+    service: Service, parameter: str
+) -> None:
+    token = token_for(uuid.uuid4())
+    body = await bad_request(service, {parameter: token})
+    assert body["error"].endswith("what looks like a token (not repeated here).")
+    assert not any(part[:8] in body["error"] for part in token.split("."))
+
+
 async def test_a_one_row_stream_that_is_over_answers_a_reconnect_with_204(
     service: Service, db, user: uuid.UUID
 ) -> None:
@@ -92,6 +102,12 @@ async def test_a_one_row_stream_that_is_over_answers_a_reconnect_with_204(
         async with service.session.get(
             service.url(f"/api/files/{file_id}/events"),
             headers={**headers, "Last-Event-ID": cursor},
+        ) as again:
+            assert again.status == 204
+        async with service.session.get(
+            service.url(f"/api/files/{file_id}/events"),
+            headers=headers,
+            params={"last_event_id": cursor},
         ) as again:
             assert again.status == 204
     async with service.session.get(service.url(f"/api/files/{gone}/events"), headers=headers) as r:

@@ -35,6 +35,13 @@ def test_a_token_can_be_minted_for_any_owner_type(owner: str) -> None:
     assert jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == owner
 
 
+def test_the_help_speaks_of_any_table_and_any_owner() -> None:
+    top = streamer("--help").stdout
+    assert "any table made a feed" in top and "streamer.enable_feed" in top
+    assert "for an owner (any feed's owner type)" in top
+    assert "(uuid or text)" in streamer("token", "--help").stdout
+
+
 def test_an_empty_owner_is_one_line() -> None:
     result = streamer("token", "--user", " ", STREAMER_JWT_SECRET=SECRET)
     assert result.returncode == 2

@@ -139,6 +139,7 @@ class Process:
     command: list[str]
     env: Mapping[str, str]
     stopping: bool = False
+    serving: bool = True  # False from a restart until the node's port opens
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -270,14 +271,22 @@ class Stack:
     def tend(self) -> str | None:
         """Restart a streamer node that exited without being asked to (a `kill -9`, a
         crash), as systemd's `Restart=` would: its tabs carry on through the other node
-        meanwhile, and come back to it after. Says so in one line; None if none did."""
+        meanwhile, and come back to it after. Says so in one line; None if none did. One
+        that dies again before it served is left to dead(), which stops the stack."""
         for index, process in enumerate(self.processes):
             if not process.name.startswith("streamer") or process.stopping:
                 continue
             if process.popen.poll() is None:
+                if not process.serving:  # a node opens its port once it is ready
+                    process.serving = port_is_taken(int(process.env["STREAMER_PORT"]))
+                continue
+            if not process.serving:
+                # It died again before it served: restarting it would only loop. dead()
+                # stops the stack and shows its log.
                 continue
             self.processes.pop(index)
             again = self._spawn(process.name, process.command, process.env)
+            again.serving = False
             self.processes.insert(index, self.processes.pop())  # stopped in the same order
             return (
                 f"{process.name} (pid {process.popen.pid}) exited with"

@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -291,6 +292,28 @@ async def test_a_files_page_follows_one_file_until_it_is_ready(
     assert activity == ["pending", "processing", "ready"]
     assert tabs.problems() == []
     tabs.screenshot("production-file.png")
+
+
+def test_a_node_that_dies_again_before_it_serves_stops_the_stack_instead_of_looping(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(tmp_path, "", "", Ports.free())
+    port = str(stack.ports.nodes[0])
+    # A node that served (start() waited for it), then exits; each restart exits at once.
+    crashing = stack._spawn(
+        "streamer-a", [sys.executable, "-c", "exit(3)"], {"STREAMER_PORT": port}
+    )
+    crashing.popen.wait()
+    said = stack.tend()
+    assert said is not None and said.startswith(
+        f"streamer-a (pid {crashing.popen.pid}) exited with 3"
+    )
+    again = stack.nodes[0]
+    assert again.popen.pid != crashing.popen.pid
+    again.popen.wait()
+    assert stack.tend() is None
+    assert stack.dead() is again
+    stack.stop()
 
 
 def test_the_operations_docs_show_deploy_nginx_conf_as_it_is() -> None:

@@ -130,3 +130,65 @@ class Message:
         if self._chunk is None:
             self._chunk = b"%x\r\n%b\r\n" % (len(self.data), self.data)
         return self._chunk
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+class ParsedEvent:
+    """One event as a client's EventSource dispatches it."""
+
+    __slots__ = ("data", "id", "name")
+
+    def __init__(self, name: str, data: str, id: str | None) -> None:
+        self.name = name
+        self.data = data
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"ParsedEvent({self.name!r}, {self.data[:60]!r}, id={self.id!r})"
+
+
+class Parser:
+    """The inverse of the framing above, as the HTML standard's EventSource reads a stream:
+    bytes in (any split, any line ending), whole events out. Used by the tests, the bench's
+    clients and load generators, so that each reads a stream the way a browser does."""
+
+    __slots__ = ("_cr", "_rest", "last_id", "retry")
+
+    def __init__(self) -> None:
+        self._rest = b""
+        self._cr = False
+        self.last_id: str | None = None  # what a browser would send as Last-Event-ID
+        self.retry: int | None = None  # the last `retry:` in milliseconds
+
+    def feed(self, data: bytes) -> list[ParsedEvent]:
+        if self._cr and data.startswith(b"\n"):
+            data = data[1:]  # the second half of a CRLF split across two reads
+        self._cr = False
+        if b"\r" in data:
+            self._cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        text = self._rest + data if self._rest else data
+        blocks = text.split(b"\n\n")
+        self._rest = blocks.pop()
+        return [event for block in blocks if (event := self._event(block)) is not None]
+
+    def _event(self, block: bytes) -> ParsedEvent | None:
+        name, data, event_id = "message", list[str](), None
+        for line in block.decode().split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "event":
+                name = value
+            elif key == "data":
+                data.append(value)
+            elif key == "id" and "\x00" not in value:
+                event_id = self.last_id = value
+            elif key == "retry" and value.isascii() and value.isdigit():
+                self.retry = int(value)
+        if not data:
+            return None
+        return ParsedEvent(name, "\n".join(data), event_id)

@@ -32,6 +32,7 @@ import pytest
 from streamer import keys
 from streamer.auth import MAX_TOKEN_LENGTH
 from streamer.embedded import EmbeddedPostgres
+from tests.client import open_stream
 from tests.conftest import (
     SECRET,
     SOURCE,
@@ -42,7 +43,6 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
-from tests.sse import open_stream
 from tests.test_adversarial_isolation import Watcher, state
 
 EVENTS = "/api/files/events"

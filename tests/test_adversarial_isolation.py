@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.client import open_stream
 from tests.conftest import (
     PostgresServer,
     Service,
@@ -42,7 +43,6 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
-from tests.sse import open_stream
 
 USERS = 4
 TIMEOUT = 10.0

@@ -26,8 +26,8 @@ from streamer.app import create_app
 from streamer.config import Settings
 from streamer.feed import MAX_HORIZON
 from streamer.server import server_options
+from tests.client import open_stream
 from tests.conftest import SECRET, Service, insert_file, send_raw, token_for
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 TIMEOUT = 10.0

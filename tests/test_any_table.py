@@ -18,6 +18,7 @@ import pytest
 from streamer import keys
 from streamer.auth import mint_token
 from streamer.feed import Feed
+from tests.client import Event, Stream, open_stream
 from tests.conftest import (
     SECRET,
     WRITER,
@@ -29,7 +30,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.sse import Event, Stream, open_stream
 
 ALICE, BOB = "auth0|alice", "github|4242"  # subs of an identity provider, not UUIDs
 JOBS = """

@@ -21,6 +21,7 @@ import pytest
 import pytest_asyncio
 
 from streamer.auth import MAX_TOKEN_LENGTH
+from tests.client import open_stream
 from tests.conftest import (
     SECRET,
     PostgresServer,
@@ -32,7 +33,6 @@ from tests.conftest import (
     stop_service,
 )
 from tests.scrape import eventually, scrape
-from tests.sse import open_stream
 from tests.tokens import (
     ATTACKER,
     EC_KEY,

@@ -16,6 +16,7 @@ import pytest
 
 from streamer import keys
 from streamer.feed import CatchUp, Feed, Reads, Snapshot
+from tests.client import open_stream
 from tests.conftest import (
     Service,
     insert_file,
@@ -24,7 +25,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.sse import open_stream
 
 ROWS = 6_000
 BULK_IMPORT = 200_000

@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 
 from streamer.embedded import EmbeddedPostgres
+from tests.client import open_stream
 from tests.conftest import SECRET, SOURCE, insert_file, token_for, wait_until
 from tests.scrape import scrape
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 NOWHERE = "postgresql://streamer@127.0.0.1:1/nowhere"  # nothing listens on port 1

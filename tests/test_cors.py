@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from streamer.config import ConfigError, load_settings
+from tests.client import open_stream
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for
-from tests.sse import open_stream
 
 APP = "https://app.example.com"
 ADMIN = "http://localhost:3000"

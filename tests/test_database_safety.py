@@ -25,6 +25,7 @@ from psycopg import sql
 from streamer import keys
 from streamer.db import source_problem
 from streamer.migrations import MigrationError, migrate, migrations
+from tests.client import open_stream
 from tests.conftest import (
     SOURCE,
     PostgresServer,
@@ -36,7 +37,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.sse import open_stream
 
 OTHER = "wal" if SOURCE == "notify" else "notify"
 APP_OWNER = "streamer_test_app_owner"  # owns the app's tables, as a team's migrations do

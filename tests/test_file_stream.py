@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from streamer import feed, keys, streams
+from tests.client import Event, Stream, open_stream
 from tests.conftest import (
     Service,
     backend_count,
@@ -21,7 +22,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.sse import Event, Stream, open_stream
 
 
 def file_url(service: Service, file_id: uuid.UUID | str) -> str:

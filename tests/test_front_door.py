@@ -10,8 +10,8 @@ import jwt
 import pytest
 
 from streamer import __version__
+from tests.client import open_stream
 from tests.conftest import SECRET, Service, insert_file, token_for
-from tests.sse import open_stream
 from tests.test_cli import streamer
 
 EVENTS = "/api/files/events"

@@ -10,9 +10,9 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from tests.client import open_stream
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for
 from tests.scrape import eventually, scrape
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 BIG = "e" * 500_000  # a large error_message: a few of these fill any socket buffer

@@ -17,6 +17,7 @@ import pytest
 from streamer import feed, keys
 from streamer.dispatch import Dispatcher
 from streamer.embedded import EmbeddedPostgres
+from tests.client import open_stream
 from tests.conftest import (
     Service,
     change_source,
@@ -27,7 +28,6 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 

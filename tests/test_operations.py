@@ -14,6 +14,7 @@ from streamer import keys
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.server import server_options
+from tests.client import open_stream
 from tests.conftest import (
     SECRET,
     Service,
@@ -23,7 +24,6 @@ from tests.conftest import (
     token_for,
 )
 from tests.scrape import eventually, scrape
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 

@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from streamer import keys
+from tests.client import open_stream
 from tests.conftest import (
     PostgresServer,
     insert_file,
@@ -22,7 +23,6 @@ from tests.conftest import (
     system_postgres15,
     token_for,
 )
-from tests.sse import open_stream
 
 
 async def stream_one_change(url: str) -> None:

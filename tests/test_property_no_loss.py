@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from streamer import keys
 from streamer.sources.notify import NotifySource
 from streamer.sources.wal import WalSource
+from tests.client import Stream
 from tests.conftest import (
     SOURCE,
     PostgresServer,
@@ -33,7 +34,6 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
-from tests.sse import Stream
 
 USERS = 3
 EVENTS = "/api/files/events"

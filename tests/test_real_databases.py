@@ -18,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from streamer.sources.wal import WalSource
+from tests.client import Stream, open_stream
 from tests.conftest import (
     SOURCE,
     PostgresServer,
@@ -29,7 +30,6 @@ from tests.conftest import (
     token_for,
 )
 from tests.scrape import eventually, scrape
-from tests.sse import Stream, open_stream
 
 EVENTS = "/api/files/events"
 NOBODY = "streamer_test_nobody"  # a role that may connect, and nothing else

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 
 from streamer import keys
+from tests.client import open_stream
 from tests.conftest import (
     Service,
     backend_count,
@@ -15,7 +16,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from streamer import feed, streams
+from tests.client import Event, open_stream
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for
-from tests.sse import Event, open_stream
 
 EVENTS = "/api/files/events"
 

@@ -12,9 +12,9 @@ import pytest
 from streamer import keys
 from streamer.metrics import Metrics
 from streamer.tasks import Supervisor
+from tests.client import open_stream
 from tests.conftest import Service, insert_file, kill_change_connection, token_for, wait_until
 from tests.scrape import eventually, scrape
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 

@@ -27,6 +27,7 @@ import pytest
 from streamer import keys
 from streamer.embedded import _free_port
 from streamer.migrations import checksum, migrate, migrations
+from tests.client import open_stream
 from tests.conftest import (
     SECRET,
     SOURCE,
@@ -39,7 +40,6 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
-from tests.sse import open_stream
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"

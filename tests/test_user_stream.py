@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+from tests.client import open_stream
 from tests.conftest import SOURCE, Service, insert_file, start_service, stop_service, token_for
-from tests.sse import open_stream
 
 EVENTS = "/api/files/events"
 FILE_FIELDS = {

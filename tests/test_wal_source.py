@@ -27,6 +27,7 @@ from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
 from streamer.sources import wal as wal_module
 from streamer.sources.wal import WalSource
+from tests.client import open_stream
 from tests.conftest import (
     SECRET,
     PostgresServer,
@@ -41,7 +42,6 @@ from tests.conftest import (
     wait_until,
 )
 from tests.scrape import eventually
-from tests.sse import open_stream
 from tests.test_cli import serving, streamer
 
 EVENTS = "/api/files/events"

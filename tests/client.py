@@ -1,4 +1,5 @@
-"""A small SSE client for tests: reads a real HTTP stream and waits on events, not sleeps."""
+"""A small SSE client for tests: reads a real HTTP stream with the service's own parser
+(streamer.sse.Parser, as a browser reads it) and waits on events, not sleeps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from streamer.sse import Parser
 
 TIMEOUT = 10.0
 
@@ -40,42 +43,19 @@ class Stream:
     ended: bool = False
 
     async def _read(self) -> None:
-        name, data, event_id = "message", list[str](), None
+        parser = Parser()
         try:
-            async for line in self._lines():
-                if line == "":
-                    if data:
-                        event = Event(name, "\n".join(data), event_id)
-                        self.events.append(event)
-                        self._queue.put_nowait(event)
-                    name, data, event_id = "message", list[str](), None
-                elif line.startswith(":"):
-                    continue
-                else:
-                    key, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if key == "event":
-                        name = value
-                    elif key == "data":
-                        data.append(value)
-                    elif key == "id":
-                        event_id = value
-                    elif key == "retry":
-                        self.retry = int(value)
+            async for chunk in self.response.content.iter_any():
+                for parsed in parser.feed(chunk):
+                    event = Event(parsed.name, parsed.data, parsed.id)
+                    self.events.append(event)
+                    self._queue.put_nowait(event)
+                self.retry = parser.retry
         except (aiohttp.ClientError, ConnectionError):
             pass
         finally:
             self.ended = True
             self._queue.put_nowait(None)
-
-    async def _lines(self) -> AsyncIterator[str]:
-        # Lines of any length: a 1 MB row is one `data:` line.
-        buffer = b""
-        async for chunk in self.response.content.iter_any():
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                yield line.decode().rstrip("\r")
 
     async def next(self, timeout: float = TIMEOUT, *, skip_heartbeats: bool = True) -> Event:
         while True:

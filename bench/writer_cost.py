@@ -124,7 +124,7 @@ class WalReaders:
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="wal-readers", daemon=True)
 
-    def _receive(self, _payload: str) -> None:
+    def _receive(self, _payload: object) -> None:
         self.received += 1
 
     def _run(self) -> None:

@@ -1,4 +1,4 @@
-"""The aiohttp app: routes, errors as JSON, lifecycle of the pool, listener and tickers."""
+"""The aiohttp app: routes, errors as JSON, lifecycle of the pool, dispatcher and tickers."""
 
 from __future__ import annotations
 
@@ -9,24 +9,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp_cors
-import asyncpg
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from streamer import __version__, keys
 from streamer.auth import Authenticator
+from streamer.changes import Signed
 from streamer.config import Settings
 from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
-from streamer.errors import ApiError, AuthError
-from streamer.feed import Feeds, Reads, prune
+from streamer.errors import DATABASE_ERRORS, ApiError, AuthError
+from streamer.feeds import Feeds
 from streamer.hub import Hub
 from streamer.metrics import Metrics
+from streamer.reads import PoolReads, Reads
 from streamer.sources import Source
 from streamer.sources.notify import NotifySource
 from streamer.sources.wal import WalSource
 from streamer.streams import feed_events, row_events
+from streamer.subscriber import Ended
 from streamer.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -133,11 +135,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[keys.DSN], settings.pool_size)
     app[keys.POOL] = pool
     hub = app[keys.HUB]
-    reads = Reads(pool)
-    feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all("disabled", name))
+    reads = app[keys.READS] = PoolReads(pool)
+    feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all(Ended.DISABLED, name))
     await feeds.refresh()
     source: Source = (WalSource if settings.source == "wal" else NotifySource)(
-        app[keys.LISTEN_DSN], pool
+        app[keys.LISTEN_DSN], pool, Signed(reads.signing_key)
     )
     dispatcher = Dispatcher(source, reads, hub, feeds, app[keys.METRICS])
     app[keys.DISPATCHER] = dispatcher
@@ -145,7 +147,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     # The owner of every long-lived task of the app: made first, stopped last, before
     # the pool those tasks use is closed.
     tasks = app[keys.TASKS] = Supervisor(app[keys.METRICS])
-    tasks.start("listener", dispatcher.run)
+    tasks.start("listener", dispatcher.run)  # the name operators know from /metrics
     tasks.start("feeds", feeds.run)
     yield
     await tasks.stop()
@@ -153,16 +155,22 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-async def _prune_forever(pool: asyncpg.Pool, feeds: Feeds, keep_hours: float) -> None:
+async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
     while True:
         for feed in list(feeds.by_name.values()):
             try:
-                gone = await prune(pool, feed, keep_hours)
+                gone = await reads.prune(feed, keep_hours)
                 if gone:
                     log.info("pruned %d %s tombstones older than %sh", gone, feed.name, keep_hours)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
         await asyncio.sleep(PRUNE_EVERY)
+
+
+async def _every(seconds: float, step: Callable[[], None]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        step()
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:
@@ -170,13 +178,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     auth = app[keys.AUTH]
     await auth.start()
     hub = app[keys.HUB]
-    pool = app[keys.POOL]
-    tasks = app[keys.TASKS]  # stops them with the listener, in _database's clean-up
-    tasks.start("heartbeats", lambda: hub.run_heartbeats(settings.heartbeat_seconds))
-    tasks.start("sweeps", hub.run_sweeps)
-    feeds = app[keys.FEEDS]
+    tasks = app[keys.TASKS]  # stops them with the dispatcher, in _database's clean-up
+    tasks.start("heartbeats", lambda: _every(settings.heartbeat_seconds, hub.heartbeat))
+    # Twice per write timeout: a stuck stream is cut within 1.5 timeouts.
+    tasks.start("sweeps", lambda: _every(settings.write_timeout_seconds / 2, hub.sweep))
+    feeds, reads = app[keys.FEEDS], app[keys.READS]
     keep = settings.tombstone_retention_hours
-    tasks.start("pruning", lambda: _prune_forever(pool, feeds, keep))
+    tasks.start("pruning", lambda: _prune_forever(reads, feeds, keep))
     yield
     await auth.close()
 
@@ -202,8 +210,8 @@ async def readyz(request: web.Request) -> web.Response:
         problems.append("listener down")
     try:
         async with asyncio.timeout(2):
-            await request.app[keys.POOL].fetchval("select 1")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            await request.app[keys.READS].ping()
+    except DATABASE_ERRORS:
         problems.append("database unreachable")
     if problems:
         return error_response(503, "UNAVAILABLE", "Not ready: " + ", ".join(problems) + ".")

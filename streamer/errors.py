@@ -1,7 +1,21 @@
-"""Every error a client can cause, as a small named class with its HTTP status and code.
+"""Every error a client can cause, as a small named class with its HTTP status and code,
+and what a database out of reach looks like.
 
-The one place they become responses is the error middleware in app.py.
+The one place client errors become responses is the error middleware in app.py.
 """
+
+import asyncpg
+import psycopg2
+
+# A database (or its change connection) out of reach, whichever driver met it (psycopg2:
+# the WAL's replication connection): retried, or answered 503, never a bug.
+DATABASE_ERRORS = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+    psycopg2.Error,
+)
 
 
 class ApiError(Exception):

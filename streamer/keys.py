@@ -8,9 +8,10 @@ from aiohttp import web
 from streamer.auth import Authenticator
 from streamer.config import Settings
 from streamer.dispatch import Dispatcher
-from streamer.feed import Feeds
+from streamer.feeds import Feeds
 from streamer.hub import Hub
 from streamer.metrics import Metrics
+from streamer.reads import Reads
 from streamer.tasks import Supervisor
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -22,4 +23,5 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 HUB = web.AppKey("hub", Hub)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 FEEDS = web.AppKey("feeds", Feeds)
+READS = web.AppKey("reads", Reads)
 TASKS = web.AppKey("tasks", Supervisor)

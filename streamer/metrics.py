@@ -32,12 +32,14 @@ class Metrics:
             "streamer_slow_client_disconnects", "Streams cut for not reading", registry=r
         )
         self.listener_reconnects = Counter(
-            "streamer_listener_reconnects", "Times the LISTEN connection was re-established",
+            "streamer_listener_reconnects",
+            "Times the change connection (LISTEN, or replication with STREAMER_SOURCE=wal)"
+            " was re-established",
             registry=r,
-        )  # fmt: skip
+        )
         self.listener_up = Gauge(
             "streamer_listener_up",
-            "1 while the LISTEN connection is up (of every worker)",
+            "1 while the change connection is up and caught up (of every worker)",
             multiprocess_mode="livemin",
             registry=r,
         )

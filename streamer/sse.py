@@ -1,5 +1,6 @@
-"""What a client receives, and SSE framing: a pydantic model per event of the stream
-itself, and rows' events with the row's JSON spliced in as Postgres rendered it.
+"""What a client receives, and all of SSE framing: a pydantic model per event of the
+stream itself, rows' events with the row's JSON spliced in as Postgres rendered it, the
+sink that writes a live stream's bytes, and the parser that reads them back.
 
 Each event is encoded once, as the bytes of a whole SSE message, and those bytes are
 shared by every stream it goes to.
@@ -8,10 +9,16 @@ shared by every stream it goes to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, PlainSerializer
+
+from streamer.changes import Gone, Row
+from streamer.feeds import Feed
 
 
 def _utc(value: datetime) -> datetime:
@@ -81,6 +88,24 @@ def row_frame(
     )
 
 
+def update_frame(feed: Feed, row: Row, cursor: str, timestamp: bytes | None = None) -> bytes:
+    name = f"{feed.event}-update".encode()
+    return row_frame(name, feed.event.encode(), row.json, cursor, timestamp)
+
+
+def deleted_frame(feed: Feed, row_id: str, cursor: str, timestamp: bytes | None = None) -> bytes:
+    """`{"id": ...}` with the id as Postgres renders it in JSON: a number for bigints."""
+    value = row_id if feed.id_type == "bigint" else json.dumps(row_id)
+    name = f"{feed.event}-deleted".encode()
+    return row_frame(name, feed.event.encode(), '{"id":' + value + "}", cursor, timestamp)
+
+
+def item_frame(feed: Feed, item: Row | Gone, cursor: str, timestamp: bytes | None = None) -> bytes:
+    if isinstance(item, Gone):
+        return deleted_frame(feed, item.id, cursor, timestamp)
+    return update_frame(feed, item, cursor, timestamp)
+
+
 def retry_frame(milliseconds: int) -> bytes:
     return f"retry: {milliseconds}\n\n".encode()
 
@@ -88,13 +113,25 @@ def retry_frame(milliseconds: int) -> bytes:
 class Sink:
     """Where a live stream's bytes go: straight into its connection, behind aiohttp's back,
     so that no task wakes up per event. A chunked response gets each message as one HTTP/1.1
-    chunk, framed once per message and shared by every stream it goes to."""
+    chunk, framed once per message and shared by every stream it goes to.
 
-    __slots__ = ("_chunked", "_transport")
+    The connection is told to count as backed up past `backlog` unsent bytes (asyncio's
+    write buffer limits), so that `drained` waits on its own signal, never polls."""
 
-    def __init__(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
+    __slots__ = ("_chunked", "_drain", "_transport")
+
+    def __init__(
+        self,
+        transport: asyncio.WriteTransport,
+        chunked: bool,
+        drain: Callable[[], Awaitable[None]],
+        *,
+        backlog: int,
+    ) -> None:
         self._transport = transport
         self._chunked = chunked
+        self._drain = drain
+        transport.set_write_buffer_limits(high=backlog, low=backlog)
 
     def write(self, messages: list[Message]) -> None:
         if self._chunked:
@@ -113,6 +150,12 @@ class Sink:
 
     def abort(self) -> None:
         self._transport.abort()
+
+    async def drained(self) -> None:
+        """Return once at most `backlog` bytes wait for the client, or the connection is
+        gone (a stream cut for not reading ends this too)."""
+        with contextlib.suppress(ConnectionError):
+            await self._drain()
 
 
 class Message:

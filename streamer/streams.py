@@ -8,43 +8,33 @@ visibility, so nothing is sent twice or older-after-newer.
 from __future__ import annotations
 
 import asyncio
-import time
 
-import asyncpg
 from aiohttp import HttpVersion11, web
 
 from streamer import keys
 from streamer.auth import Principal
-from streamer.errors import InvalidCursor, InvalidParameter, NotFound, Unavailable
-from streamer.feed import (
-    Feed,
-    Row,
-    Snapshot,
-    current_snapshot,
-    parse_cursor,
-    read_since,
-    visible,
-)
-from streamer.hub import Subscriber, envelope
+from streamer.changes import NOTHING, Snapshot, parse_cursor
+from streamer.errors import DATABASE_ERRORS, InvalidCursor, InvalidParameter, NotFound, Unavailable
+from streamer.feeds import Feed
 from streamer.sse import (
     ResetEvent,
     Sink,
     SyncedEvent,
-    TokenExpiredEvent,
     frame,
+    item_frame,
     now,
     retry_frame,
     timestamp_now,
+    update_frame,
 )
+from streamer.subscriber import Ended, Subscriber
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
-NOTHING_SEEN = Snapshot(0, 0, frozenset())
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -117,14 +107,7 @@ async def _open(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _expire_at(sub: Subscriber, expires_at: float) -> asyncio.TimerHandle:
-    loop = asyncio.get_running_loop()
-    expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
-    delay = max(0.0, expires_at - time.time())
-    return loop.call_at(loop.time() + delay, lambda: sub.push(expired))
-
-
-async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> str:
+async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
     """Hand the connection to the hub, which writes every later event straight into it,
     and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
     TRUNCATE, the feed disabled, a shutdown, or the client leaving (then aiohttp cancels
@@ -133,8 +116,10 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> str:
     if sub.closed is not None:
         return sub.closed
     if transport is None or transport.is_closing():
-        return "gone"
-    sub.go_live(Sink(transport, request.version >= HttpVersion11), seen)
+        return Ended.GONE
+    backlog = request.app[keys.HUB].buffer_limit // 2
+    sink = Sink(transport, request.version >= HttpVersion11, request.writer.drain, backlog=backlog)
+    sub.go_live(sink, seen)
     return await sub.ended
 
 
@@ -160,33 +145,30 @@ async def _write_since(
     since: int | None,
     reset: bool,
 ) -> tuple[web.StreamResponse, Snapshot]:
-    """Write the caller's catch-up (or snapshot) as it is read, a batch at a time from a
-    server-side cursor in the read's own snapshot: each batch is written and drained before
-    the next is fetched, so the client's pace sets the reader's, and what the stream holds
-    is one batch however many rows the caller has. Opens the response once the first batch
-    is in (a database that cannot be read is a 503 then, not a broken stream)."""
+    """Write the caller's catch-up (or snapshot) as it is read, a batch at a time in the
+    read's own snapshot: each batch is written and drained before the next is fetched, so
+    the client's pace sets the reader's, and what the stream holds is one batch however
+    many rows the caller has. Opens the response once the first batch is in (a database
+    that cannot be read is a 503 then, not a broken stream)."""
+    # From the WAL a TRUNCATE can come a moment before a new snapshot sees it.
+    visible = request.app[keys.HUB].truncated_by.get(feed.name) if reset else None
     try:
-        async with request.app[keys.POOL].acquire() as conn:
-            truncated_by = request.app[keys.HUB].truncated_by.get(feed.name)
-            if reset and truncated_by is not None:
-                # From the WAL the TRUNCATE can come a moment before a snapshot sees it.
-                await visible(conn, truncated_by)
-            async with read_since(conn, feed, [owner], since) as read:
-                resumed = since is not None and not read.reset
-                cursor = str(since) if resumed else SNAPSHOT_CURSOR
-                batches = read.batches()
+        async with request.app[keys.READS].since(feed, owner, since, visible=visible) as read:
+            resumed = since is not None and not read.reset
+            cursor = str(since) if resumed else SNAPSHOT_CURSOR
+            batches = read.batches()
+            part = await anext(batches, None)
+            if response is None:
+                response = await _open(request)
+            if reset or read.reset:
+                await response.write(frame(ResetEvent(timestamp=now())))
+            while part is not None:
+                stamp = timestamp_now()
+                data = b"".join(item_frame(feed, i, cursor, stamp) for i in part.items)
+                await _send(request, response, data)
                 part = await anext(batches, None)
-                if response is None:
-                    response = await _open(request)
-                if reset or read.reset:
-                    await response.write(frame(ResetEvent(timestamp=now())))
-                while part is not None:
-                    stamp = timestamp_now()
-                    data = b"".join(feed.frame(i, cursor, stamp) for i in part.items)
-                    await _send(request, response, data)
-                    part = await anext(batches, None)
-                return response, read.snapshot
-    except DB_ERRORS as exc:
+            return response, read.snapshot
+    except DATABASE_ERRORS as exc:
         if response is None or not response.prepared:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         raise ConnectionResetError("the database went away during a catch-up") from exc
@@ -204,79 +186,56 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     truncated = False
     while True:
-        sub = hub.subscribe(feed, owner, principal.subject)
-        expiry = _expire_at(sub, principal.expires_at)
-        try:
-            if since is not None or snapshot or truncated:
-                response, seen = await _write_since(
-                    request, response, feed, owner, since, truncated
-                )
-            else:
-                # Nothing to read: the stream is live from its subscription on, and
-                # everything not yet dispatched is at or above the hub's watermark.
-                seen = NOTHING_SEEN
-                if response is None:
-                    response = await _open(request)
-            synced_at = seen.cursor if seen is not NOTHING_SEEN else hub.cursor
-            await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
-            if await _live(request, sub, seen) != "truncated":
-                return response
-        except ConnectionResetError:
-            return web.Response()  # the client left during set-up: nothing to answer
-        finally:
-            expiry.cancel()
-            hub.unsubscribe(sub)
+        subscription = hub.subscription(
+            feed, owner, principal.subject, None, expires_at=principal.expires_at
+        )
+        with subscription as sub:
+            try:
+                if since is not None or snapshot or truncated:
+                    response, seen = await _write_since(
+                        request, response, feed, owner, since, truncated
+                    )
+                else:
+                    # Nothing to read: the stream is live from its subscription on, and
+                    # everything not yet dispatched is at or above the hub's watermark.
+                    seen = NOTHING
+                    if response is None:
+                        response = await _open(request)
+                synced_at = seen.cursor if seen is not NOTHING else hub.cursor
+                await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
+                if await _live(request, sub, seen) is not Ended.TRUNCATED:
+                    return response
+            except ConnectionResetError:
+                return web.Response()  # the client left during set-up: nothing to answer
         since, truncated = None, True
-
-
-async def _read_one(
-    request: web.Request, feed: Feed, owner: str, row_id: str
-) -> tuple[Snapshot, Row]:
-    """The row's current state and the snapshot it was read in; NotFound when it is
-    missing or someone else's."""
-    try:
-        async with (
-            request.app[keys.POOL].acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            seen = await current_snapshot(conn)
-            record = await conn.fetchrow(
-                feed.select(f"r.id = $1::text::{feed.id_type} and {feed.owner_in('$2')}"),
-                row_id,
-                [owner],
-            )
-    except DB_ERRORS as exc:
-        raise Unavailable("The database is not reachable; retry shortly.") from exc
-    if record is None:
-        raise NotFound(f"No such {feed.event}.")
-    return seen, Row.of(record)
 
 
 async def row_events(request: web.Request) -> web.StreamResponse:
     """GET /api/{feed}/{id}/events: one row's state, then its updates until the end."""
     principal, feed, owner = await _caller(request)
     row_id = feed.parse_id(request.match_info["id"])
-    hub = request.app[keys.HUB]
-    sub = hub.subscribe(feed, owner, principal.subject, row_id)
-    expiry = _expire_at(sub, principal.expires_at)
-    try:
+    subscription = request.app[keys.HUB].subscription(
+        feed, owner, principal.subject, row_id, expires_at=principal.expires_at
+    )
+    with subscription as sub:
         try:
-            seen, row = await _read_one(request, feed, owner, row_id)
-        except NotFound:
-            if _raw_cursor(request) is not None:
+            seen, row = await request.app[keys.READS].one(feed, owner, row_id)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("The database is not reachable; retry shortly.") from exc
+        reconnect = _raw_cursor(request) is not None
+        if row is None:
+            if reconnect:
                 return web.Response(status=204)  # a reconnect: over, a browser stops
-            raise
-        if row.terminal and _raw_cursor(request) is not None:
+            raise NotFound(f"No such {feed.event}.")
+        if row.terminal and reconnect:
             # Its last state was sent when it ended; a plain EventSource, told 204,
             # stops reconnecting instead of asking again every `retry:`.
             return web.Response(status=204)
-        response = await _open(request)
-        await response.write(feed.update_frame(row, seen.cursor))
-        if not row.terminal:
-            await _live(request, sub, seen)
+        try:
+            response = await _open(request)
+            await response.write(update_frame(feed, row, seen.cursor))
+            if not row.terminal:
+                await _live(request, sub, seen)
+        except ConnectionResetError:
+            return web.Response()
         return response
-    except ConnectionResetError:
-        return web.Response()
-    finally:
-        expiry.cancel()
-        hub.unsubscribe(sub)

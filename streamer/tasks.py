@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from streamer.metrics import Metrics
+from streamer.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,24 @@ class Supervisor:
             except Exception as exc:  # not CancelledError: stop() ends the task that way
                 failed = exc
             failures = 1 if loop.time() - started > HEALTHY_AFTER else failures + 1
-            delay = min(self.max_delay, FIRST_DELAY * 2 ** min(failures - 1, 10))
-            delay *= random.uniform(0.5, 1.0)
+            delay = backoff(failures, FIRST_DELAY, self.max_delay)
             if failed is None:
                 log.error("task %r ended; restarting it in %.2f s", name, delay)
             else:
                 log.error("task %r failed; restarting it in %.2f s", name, delay, exc_info=failed)
             self.metrics.task_failures.labels(task=name).inc()
             await asyncio.sleep(delay)
+
+
+async def stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel a child task and wait until it has ended. Its CancelledError is the expected
+    end; one aimed at the caller (it is being cancelled itself) is never swallowed."""
+    if task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise

@@ -23,8 +23,8 @@ from yarl import URL
 
 from streamer import keys
 from streamer.app import create_app
+from streamer.changes import MAX_HORIZON
 from streamer.config import Settings
-from streamer.feed import MAX_HORIZON
 from streamer.server import server_options
 from tests.client import open_stream
 from tests.conftest import SECRET, Service, insert_file, send_raw, token_for

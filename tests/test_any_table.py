@@ -17,7 +17,7 @@ import pytest
 
 from streamer import keys
 from streamer.auth import mint_token
-from streamer.feed import Feed
+from streamer.feeds import Feed
 from tests.client import Event, Stream, open_stream
 from tests.conftest import (
     SECRET,

@@ -24,7 +24,8 @@ import pytest
 from pydantic import BaseModel, create_model
 
 from streamer import sse as events
-from streamer.feed import FILES, Row
+from streamer.changes import Row
+from streamer.feeds import FILES
 
 DTS = Path(events.__file__).parent / "static" / "streamer-client.d.ts"
 EVENT_MODELS: tuple[type[events.Event], ...] = typing.get_args(events.Event)
@@ -273,8 +274,8 @@ def test_every_frame_the_server_builds_matches_the_interface_of_its_event_name(
     database_url: str, declarations: Declarations
 ):
     frames = [
-        FILES.update_frame(a_files_row(database_url), "7"),
-        FILES.deleted_frame(str(uuid.uuid4()), "7"),
+        events.update_frame(FILES, a_files_row(database_url), "7"),
+        events.deleted_frame(FILES, str(uuid.uuid4()), "7"),
         *(events.frame(model(timestamp=events.now())) for model in EVENT_MODELS),
     ]
     event_map = declarations.interfaces["StreamEventMap"]
@@ -334,7 +335,7 @@ def test_a_column_added_to_the_table_is_noticed_in_its_columns_and_in_the_frames
     assert mismatches(table_fields(database_url), "table files", "StreamedFile", declarations) == [
         "StreamedFile: field 'checksum' is missing"
     ]
-    name, data = sent(FILES.update_frame(a_files_row(database_url), "7"))
+    name, data = sent(events.update_frame(FILES, a_files_row(database_url), "7"))
     assert sent_mismatches(data, "FileUpdateEvent", name, declarations) == [
         "file-update.file.checksum is sent but not in StreamedFile"
     ]

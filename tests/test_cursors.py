@@ -7,11 +7,14 @@ import asyncio
 
 import pytest
 
+from streamer.changes import Snapshot, parse_cursor
 from streamer.errors import InvalidCursor, InvalidId
-from streamer.feed import FILES, Feed, Snapshot, parse_cursor
-from streamer.hub import Hub, envelope
+from streamer.feeds import FILES, Feed
+from streamer.hub import Hub
 from streamer.metrics import Metrics
-from streamer.sse import Sink
+from streamer.sse import deleted_frame
+from streamer.subscriber import envelope
+from tests.memory import Transport, sink
 
 ALICE = "a0000000-0000-0000-0000-00000000000a"
 
@@ -38,28 +41,13 @@ def test_a_later_snapshot_covers_an_earlier_one_but_not_the_other_way_round() ->
 # -- going live ---------------------------------------------------------------------------
 
 
-class Transport(asyncio.WriteTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 async def test_going_live_skips_the_queued_changes_the_streams_own_read_saw() -> None:
     h = hub()
     sub = h.subscribe(FILES, ALICE, ALICE)
     for xid in (100, 101, 104):  # queued while the stream read the database
         sub.push(envelope(b"xid %d\n\n" % xid, xid=xid))
     transport = Transport()
-    sub.go_live(Sink(transport, chunked=False), Snapshot.parse("100:105:101"))
+    sub.go_live(sink(transport), Snapshot.parse("100:105:101"))
     await asyncio.sleep(0)  # written at the end of the loop iteration
     assert transport.written == [b"xid 101\n\n"]
 
@@ -70,7 +58,7 @@ async def test_a_catch_up_older_than_the_streams_own_read_is_skipped() -> None:
     sub.push(envelope(b"old\n\n", read_in=Snapshot.parse("100:100:")))
     sub.push(envelope(b"newer\n\n", read_in=Snapshot.parse("110:110:")))
     transport = Transport()
-    sub.go_live(Sink(transport, chunked=True), Snapshot.parse("105:105:"))
+    sub.go_live(sink(transport, chunked=True), Snapshot.parse("105:105:"))
     await asyncio.sleep(0)
     assert transport.written == [b"7\r\nnewer\n\n\r\n"]  # one HTTP/1.1 chunk
 
@@ -79,7 +67,7 @@ async def test_a_one_row_stream_ends_after_its_rows_last_event() -> None:
     h = hub()
     sub = h.subscribe(FILES, ALICE, ALICE, "r1")
     transport = Transport()
-    sub.go_live(Sink(transport, chunked=False), Snapshot(0, 0, frozenset()))
+    sub.go_live(sink(transport), Snapshot(0, 0, frozenset()))
     sub.push(envelope(b"other\n\n", row_id="r2"))
     sub.push(envelope(b"ready\n\n", row_id="r1", ends_row=True))
     sub.push(envelope(b"after\n\n", row_id="r1"))
@@ -152,5 +140,5 @@ def test_a_cursor_is_a_bounded_decimal_or_invalid(raw: str) -> None:
 
 def test_a_deleted_rows_id_is_rendered_as_postgres_renders_it() -> None:
     numbers = Feed("jobs", "owner", "job", id_type="bigint")
-    assert b'"job":{"id":42}' in numbers.deleted_frame("42", "7")
-    assert b'"file":{"id":"%b"}' % ALICE.encode() in FILES.deleted_frame(ALICE, "7")
+    assert b'"job":{"id":42}' in deleted_frame(numbers, "42", "7")
+    assert b'"file":{"id":"%b"}' % ALICE.encode() in deleted_frame(FILES, ALICE, "7")

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from streamer.dispatch import MARKER, Dispatcher
-from streamer.feed import FILES, CatchUp, Feed, Feeds, Gone, Row, Snapshot
-from streamer.hub import Hub, Subscriber
+from streamer.changes import CatchUp, Gone, Payload, Row, Signed, Snapshot, marker_text
+from streamer.dispatch import Dispatcher
+from streamer.feeds import FILES, Feed, Feeds
+from streamer.hub import Hub
 from streamer.metrics import Metrics
-from streamer.sse import Sink
+from streamer.subscriber import Subscriber
+from tests.memory import Transport, sink
 
 KEY = b"unit-test-signing-key"
 ALICE, BOB = "a0000000-0000-0000-0000-00000000000a", "b0000000-0000-0000-0000-00000000000b"
@@ -57,27 +59,31 @@ def change(
 
 
 class MemorySource:
-    """A change connection in memory: payloads arrive when the test says so, in order."""
+    """A change connection in memory: payloads arrive when the test says so, in order,
+    read as the real sources read the triggers' signed text."""
 
+    name = "memory"
     description = "in memory"
 
     def __init__(self) -> None:
-        self.receive: Callable[[str], None] | None = None
+        self.receive: Callable[[Payload], None] | None = None
         self.lost = asyncio.Event()
         self.connects = 0
+        self.signed = Signed()
+        self.signed.key = KEY
 
-    async def connect(self, receive: Callable[[str], None]) -> None:
+    async def connect(self, receive: Callable[[Payload], None]) -> None:
         self.lost.clear()
         self.receive = receive
         self.connects += 1
 
     def commit(self, payload: str) -> None:
         assert self.receive is not None
-        self.receive(payload)
+        self.receive(self.signed.read(payload))
 
-    async def mark(self, payload: str) -> None:
+    async def mark(self, token: str) -> None:
         # Committed now: it arrives after everything committed before it.
-        asyncio.get_running_loop().call_soon(self.commit, payload)
+        asyncio.get_running_loop().call_soon(self.commit, marker_text(token))
 
     async def watch(self) -> None:
         await self.lost.wait()
@@ -133,29 +139,9 @@ class MemoryReads:
         return self.rows.get(row_id)
 
 
-class Transport(asyncio.WriteTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = b""
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += bytes(data)
-
-    def is_closing(self) -> bool:
-        return False
-
-    buffered = 0  # bytes the client has not taken
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def abort(self) -> None:
-        pass
-
-
 def events_of(transport: Transport) -> list[tuple[str, dict[str, Any]]]:
     found = []
-    for message in transport.written.decode().split("\n\n"):
+    for message in transport.text.split("\n\n"):
         lines = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
         if "event" in lines:
             found.append((lines["event"], json.loads(lines["data"])))
@@ -177,7 +163,9 @@ class Rig:
     def live(self, owner: str, row_id: str | None = None) -> tuple[Subscriber, Transport]:
         sub = self.hub.subscribe(FILES, owner, owner, row_id)
         transport = Transport()
-        sub.go_live(Sink(transport, chunked=False), Snapshot(0, 0, frozenset()))
+        sub.go_live(
+            sink(transport, backlog=self.hub.buffer_limit // 2), Snapshot(0, 0, frozenset())
+        )
         return sub, transport
 
 
@@ -262,7 +250,7 @@ async def test_the_cursor_follows_the_horizon_and_a_marker_raises_it_to_the_snap
     rig.source.commit(change("f1", ALICE, 1, 300, horizon=250, row={}))
     await settled()
     assert rig.hub.watermark == 250
-    rig.source.commit(MARKER + 'someone-else"}')  # another process's marker: no effect
+    rig.source.commit(marker_text("someone-else"))  # another process's marker: no effect
     await settled()
     assert rig.hub.watermark == 250
 

@@ -10,7 +10,7 @@ import uuid
 import aiohttp
 import pytest
 
-from streamer import feed, keys, streams
+from streamer import keys
 from tests.client import Event, Stream, open_stream
 from tests.conftest import (
     Service,
@@ -200,14 +200,15 @@ async def test_an_update_committed_while_the_stream_is_set_up_is_neither_lost_no
     file_id = await insert_file(db, user, status="processing", progress=1)
     reading = asyncio.Event()
     go_on = asyncio.Event()
-    real_snapshot = feed.current_snapshot
+    reads = service.app[keys.READS]
+    real_one = reads.one
 
-    async def held_read(conn):
+    async def held_read(*args, **kwargs):
         reading.set()
         await go_on.wait()
-        return await real_snapshot(conn)
+        return await real_one(*args, **kwargs)
 
-    monkeypatch.setattr(streams, "current_snapshot", held_read)
+    monkeypatch.setattr(reads, "one", held_read)
     first_event: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
 
     async def follow() -> list[Event]:

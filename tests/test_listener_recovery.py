@@ -14,7 +14,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from streamer import feed, keys
+from streamer import keys
+from streamer.changes import Change
 from streamer.dispatch import Dispatcher
 from streamer.embedded import EmbeddedPostgres
 from tests.client import open_stream
@@ -30,6 +31,14 @@ from tests.conftest import (
 )
 
 EVENTS = "/api/files/events"
+
+
+def holds(dispatcher: Dispatcher, row_id: uuid.UUID) -> bool:
+    """Whether a change of this row waits in the dispatcher's inbox."""
+    return any(
+        isinstance(held.payload, Change) and held.payload.row_id == str(row_id)
+        for held in dispatcher._inbox
+    )
 
 
 class Blackhole:
@@ -206,21 +215,21 @@ async def test_a_stream_opened_while_the_listener_recovers_misses_nothing(
     opened in between, for a user it did not know of, still gets what commits meanwhile."""
     listener = listener_of(service)
     recovering, go_on = asyncio.Event(), asyncio.Event()
-    real_snapshot = feed.current_snapshot
+    real_changes = listener.reads.changes
 
-    async def held_snapshot(conn):
+    async def held_changes(*args, **kwargs):
         recovering.set()
         await go_on.wait()
-        return await real_snapshot(conn)
+        return await real_changes(*args, **kwargs)
 
-    monkeypatch.setattr(feed, "current_snapshot", held_snapshot)
+    monkeypatch.setattr(listener.reads, "changes", held_changes)
     sessions = listener.sessions
     await kill_listener(service)
     await asyncio.wait_for(recovering.wait(), 10)
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
         file_id = await insert_file(db, user, "committed-during-recovery.pdf")
         async with asyncio.timeout(10):  # the notification waits in the listener's inbox
-            while not any(str(file_id) in payload for payload in listener._inbox):
+            while not holds(listener, file_id):
                 await asyncio.sleep(0.005)
         go_on.set()
         await back_up(service, sessions)
@@ -254,7 +263,7 @@ async def test_a_stream_opened_while_the_listener_recovers_never_gets_older_stat
         # The listener has read progress 50 and not yet told anyone. Now the file goes...
         await db.execute("delete from files where id = $1", doomed)
         async with asyncio.timeout(10):
-            while not any(str(doomed) in payload for payload in listener._inbox):
+            while not holds(listener, doomed):
                 await asyncio.sleep(0.005)
         # ...and a second tab opens with a snapshot that already lacks it.
         async with open_stream(

@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from psycopg import sql
 
+from streamer.changes import Payload
 from streamer.sources.wal import WalSource
 from tests.client import Stream, open_stream
 from tests.conftest import (
@@ -194,13 +195,14 @@ async def genuine_payloads(service: Service, nobody: asyncpg.Connection) -> asyn
     else:
         source = change_source(service)
         assert isinstance(source, WalSource)
-        receive = source._receive
+        signed = source.signed
+        read = signed.read
 
-        def seen_then_received(payload: str) -> None:
-            seen.put_nowait(payload)
-            receive(payload)
+        def seen_then_read(text: str) -> Payload:
+            seen.put_nowait(text)
+            return read(text)
 
-        source._receive = seen_then_received
+        signed.read = seen_then_read  # type: ignore[method-assign]
     return seen
 
 

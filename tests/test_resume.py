@@ -10,7 +10,7 @@ import uuid
 import asyncpg
 import pytest
 
-from streamer import feed, streams
+from streamer import keys
 from tests.client import Event, open_stream
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for
 
@@ -278,16 +278,17 @@ async def test_a_snapshot_has_no_gap_or_reordering_against_updates_committed_mea
     file_id = await insert_file(db, user, status="processing", progress=1)
     reading = asyncio.Event()
     go_on = asyncio.Event()
-    real_read_since = feed.read_since
+    reads = service.app[keys.READS]
+    real_since = reads.since
 
     @contextlib.asynccontextmanager
-    async def held_read_since(*args, **kwargs):
+    async def held_since(*args, **kwargs):
         reading.set()
         await go_on.wait()
-        async with real_read_since(*args, **kwargs) as read:
+        async with real_since(*args, **kwargs) as read:
             yield read
 
-    monkeypatch.setattr(streams, "read_since", held_read_since)
+    monkeypatch.setattr(reads, "since", held_since)
     synced: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
 
     async def follow() -> list[Event]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from streamer.feed import CHANNEL
+from streamer.changes import CHANNEL, Payload, Signed, marker_text
 
 
 class NotifySource:
@@ -19,12 +19,14 @@ class NotifySource:
         self,
         dsn: str,
         pool: asyncpg.Pool,
+        signed: Signed | None = None,
         *,
         ping_interval: float = 5.0,
         ping_timeout: float = 5.0,
     ) -> None:
         self.dsn = dsn
         self.pool = pool
+        self.signed = signed or Signed()  # no key: every payload is Forged
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connection: asyncpg.Connection | None = None
@@ -36,17 +38,19 @@ class NotifySource:
         conn = self.connection
         return None if conn is None or conn.is_closed() else conn.get_server_pid()
 
-    async def connect(self, receive: Callable[[str], None]) -> None:
+    async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
         conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)
         self.connection = conn
         conn.add_termination_listener(lambda _: self._lost.set())
-        await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, payload: receive(payload))
+        await self.signed.load()  # before the first payload can arrive
+        signed = self.signed
+        await conn.add_listener(CHANNEL, lambda _c, _pid, _ch, text: receive(signed.read(text)))
 
-    async def mark(self, payload: str) -> None:
+    async def mark(self, token: str) -> None:
         # Through the pool: a NOTIFY of the listening connection itself would also do, but
         # would wait behind a ping.
-        await self.pool.execute("select pg_notify($1, $2)", CHANNEL, payload)
+        await self.pool.execute("select pg_notify($1, $2)", CHANNEL, marker_text(token))
 
     async def watch(self) -> None:
         """Return when the connection is gone, or does not answer a ping (half-open)."""

@@ -25,7 +25,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
 
-from streamer.feed import CHANNEL
+from streamer.changes import CHANNEL, Payload, Signed, marker_text
 
 log = logging.getLogger(__name__)
 PREFIX = CHANNEL.encode()  # the logical messages' prefix, as the channel is NOTIFY's
@@ -44,6 +44,7 @@ class WalSource:
         self,
         dsn: str,
         pool: asyncpg.Pool,
+        signed: Signed | None = None,
         *,
         ping_interval: float = 5.0,
         ping_timeout: float = 5.0,
@@ -52,6 +53,7 @@ class WalSource:
     ) -> None:
         self.dsn = dsn
         self.pool = pool
+        self.signed = signed or Signed()  # no key: every payload is Forged
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
@@ -61,7 +63,7 @@ class WalSource:
         self.slot: str | None = None
         self._cursor: ReplicationCursor | None = None
         self._fd: int | None = None  # the socket the event loop reads
-        self._receive: Callable[[str], None] = lambda _payload: None
+        self._receive: Callable[[Payload], None] = lambda _payload: None
         self._encoding = "utf-8"
         self._lost = asyncio.Event()
         self._heard = asyncio.Event()  # anything came from the server (a ping's answer)
@@ -73,7 +75,7 @@ class WalSource:
         conn = self.connection
         return None if conn is None or conn.closed else conn.info.backend_pid
 
-    async def connect(self, receive: Callable[[str], None]) -> None:
+    async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
         self._failure = None
         self._receive = receive
@@ -104,6 +106,7 @@ class WalSource:
         finally:
             creating.cancel()
         self.slot = slot
+        await self.signed.load()  # before the first payload can arrive
         # Only messages: the publication is empty, and pgoutput sends the transactional
         # ones in commit order, between the BEGIN and COMMIT of their transaction.
         cursor.start_replication_expert(  # type: ignore[no-untyped-call]
@@ -156,11 +159,13 @@ class WalSource:
         if payload[10:end] == PREFIX:
             (length,) = _LENGTH.unpack_from(payload, end + 1)
             start = end + 1 + _LENGTH.size
-            self._receive(payload[start : start + length].decode(self._encoding))
+            self._receive(self.signed.read(payload[start : start + length].decode(self._encoding)))
         return True
 
-    async def mark(self, payload: str) -> None:
-        await self.pool.execute("select pg_logical_emit_message(true, $1, $2)", CHANNEL, payload)
+    async def mark(self, token: str) -> None:
+        await self.pool.execute(
+            "select pg_logical_emit_message(true, $1, $2)", CHANNEL, marker_text(token)
+        )
 
     async def watch(self) -> None:
         """Return when the connection is lost; raise when it does not answer a ping (a

@@ -1,0 +1,152 @@
+"""Who streams here, within which limits, and their writes: the hub's registry of open
+streams (streamer/hub.py decides what each gets)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from streamer.errors import TooManyStreams, Unavailable
+from streamer.feeds import Feed
+from streamer.metrics import Metrics
+from streamer.sse import TokenExpiredEvent, frame, now
+from streamer.subscriber import Ended, Key, Subscriber, envelope
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """The open streams of this process, by (feed, owner) and by user; their limits; and
+    their writes, one per stream per loop iteration."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_streams_per_owner: int,
+        max_streams: int,
+        queue_limit: int,
+        buffer_limit: int,
+    ) -> None:
+        self.metrics = metrics
+        self.max_streams_per_owner = max_streams_per_owner
+        self.max_streams = max_streams
+        self.queue_limit = queue_limit  # envelopes a stream may queue while it is set up
+        self.buffer_limit = buffer_limit  # unsent bytes a live stream may hold
+        self._pending: list[Subscriber] = []
+        self._by_key: dict[Key, set[Subscriber]] = {}
+        self._per_user: dict[str, int] = {}
+        self.count = 0
+        self.stopping = False
+        self.refusing: str | None = None  # why new streams get 503 (see refuse)
+
+    def owners(self) -> dict[str, list[str]]:
+        """The owners with an open stream, by feed."""
+        found: dict[str, list[str]] = {}
+        for feed, owner in self._by_key:
+            found.setdefault(feed, []).append(owner)
+        return found
+
+    def subscribers(self) -> Iterable[Subscriber]:
+        for subs in self._by_key.values():
+            yield from subs
+
+    # -- subscriptions --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def subscription(
+        self, feed: Feed, owner: str, user: str, row_id: str | None, *, expires_at: float
+    ) -> Iterator[Subscriber]:
+        """A stream's place in the hub for as long as it is open; at `expires_at` (epoch
+        seconds, the token's `exp`) it gets `token-expired` and ends."""
+        sub = self.subscribe(feed, owner, user, row_id)
+        loop = asyncio.get_running_loop()
+        expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
+        delay = max(0.0, expires_at - time.time())
+        expiry = loop.call_at(loop.time() + delay, lambda: sub.push(expired))
+        try:
+            yield sub
+        finally:
+            expiry.cancel()
+            self.unsubscribe(sub)
+
+    def subscribe(self, feed: Feed, owner: str, user: str, row_id: str | None = None) -> Subscriber:
+        if self.stopping:
+            raise Unavailable("This server is shutting down; retry shortly.")
+        if self.refusing is not None:
+            raise Unavailable(self.refusing)
+        if self._per_user.get(user, 0) >= self.max_streams_per_owner:
+            self.metrics.rejected_streams.labels("per_user").inc()
+            raise TooManyStreams()
+        if self.count >= self.max_streams:
+            self.metrics.rejected_streams.labels("per_process").inc()
+            raise TooManyStreams("This server has too many open streams; try another.")
+        sub = Subscriber(self, feed, owner, user, row_id)
+        self._by_key.setdefault(sub.key, set()).add(sub)
+        self._per_user[user] = self._per_user.get(user, 0) + 1
+        self.count += 1
+        self.metrics.streams_open.inc()
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        subs = self._by_key.get(sub.key)
+        if subs is None or sub not in subs:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._by_key[sub.key]
+        left = self._per_user[sub.user] - 1
+        if left:
+            self._per_user[sub.user] = left
+        else:
+            del self._per_user[sub.user]
+        self.count -= 1
+        self.metrics.streams_open.dec()
+
+    def close_all(self, reason: Ended, feed: str | None = None) -> None:
+        for sub in list(self.subscribers()):
+            if feed is None or sub.feed.name == feed:
+                sub.close(reason)
+
+    def refuse(self, message: str) -> None:
+        """End every stream and refuse new ones with `message` (503) until `accept`: this
+        process cannot tell them what changes."""
+        self.refusing = message
+        self.close_all(Ended.UNAVAILABLE)
+
+    def accept(self) -> None:
+        self.refusing = None
+
+    def shutdown(self) -> None:
+        """End every stream and refuse new ones: the process is stopping."""
+        self.stopping = True
+        self.close_all(Ended.SHUTDOWN)
+
+    # -- writes ---------------------------------------------------------------------
+
+    def cut(self, sub: Subscriber) -> None:
+        """A stream whose client does not keep up: abort it; it resumes from its cursor."""
+        if sub.closed is not None:
+            return
+        sub.close(Ended.SLOW)
+        log.info("stream cut for not reading; %d events undelivered", sub.dropped)
+        self.metrics.slow_disconnects.inc()
+        self.metrics.events_dropped.inc(sub.dropped)
+
+    def mark_pending(self, sub: Subscriber) -> None:
+        """`sub` has messages to write: they go out with everyone else's at the end of this
+        loop iteration, so a burst of changes costs one write per stream."""
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(sub)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        sent = 0
+        for sub in pending:
+            sent += sub.flush()
+        if sent:
+            self.metrics.events_sent.inc(sent)

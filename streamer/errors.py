@@ -56,7 +56,6 @@ class InvalidCursor(ApiError):
 
 class InvalidId(ApiError):
     code = "INVALID_ID"
-    message = "The id is not a UUID."
 
 
 class InvalidParameter(ApiError):
@@ -66,7 +65,6 @@ class InvalidParameter(ApiError):
 class NotFound(ApiError):
     status = 404
     code = "NOT_FOUND"
-    message = "No such file."
 
 
 class TooManyStreams(ApiError):
@@ -78,4 +76,3 @@ class TooManyStreams(ApiError):
 class Unavailable(ApiError):
     status = 503
     code = "UNAVAILABLE"
-    message = "The service is not ready."

@@ -6,16 +6,24 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from streamer.changes import Snapshot
 from streamer.feeds import Feed
 from streamer.sse import Message, Sink
 
-if TYPE_CHECKING:
-    from streamer.registry import Registry
-
 Key = tuple[str, str]  # (feed, owner)
+
+
+class Holder(Protocol):
+    """What a stream needs of the registry that holds it (streamer/registry.py)."""
+
+    queue_limit: int  # envelopes a stream may queue while it is set up
+    buffer_limit: int  # unsent bytes a live stream may hold
+
+    def mark_pending(self, sub: Subscriber) -> None: ...
+
+    def cut(self, sub: Subscriber) -> None: ...
 
 
 class Ended(StrEnum):
@@ -83,7 +91,7 @@ class Subscriber:
     )
 
     def __init__(
-        self, registry: Registry, feed: Feed, owner: str, user: str, row_id: str | None
+        self, registry: Holder, feed: Feed, owner: str, user: str, row_id: str | None
     ) -> None:
         self._registry = registry
         self.feed = feed

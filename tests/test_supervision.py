@@ -99,11 +99,12 @@ async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_ca
     caplog: pytest.LogCaptureFixture,
 ):
     listener = service.app[keys.DISPATCHER]
-    recover = listener._recover
+    reads = listener.reads
+    changes = reads.changes
     bug = RuntimeError("a bug in recovery")
 
-    async def recover_failing_once():  # as a row that no longer fits the model would
-        monkeypatch.setattr(listener, "_recover", recover)
+    async def changes_failing_once(*args, **kwargs):  # as a row that no longer fits would
+        monkeypatch.setattr(reads, "changes", changes)
         raise bug
 
     async def ready() -> bool:
@@ -111,7 +112,7 @@ async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_ca
             return response.status == 200
 
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
-        monkeypatch.setattr(listener, "_recover", recover_failing_once)
+        monkeypatch.setattr(reads, "changes", changes_failing_once)
         # The change connection is cut: the listener reconnects, and its recovery raises.
         owner = await asyncpg.connect(database_url)
         try:

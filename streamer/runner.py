@@ -14,18 +14,17 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-import asyncpg
 from aiohttp import web
 
 from streamer import keys
 from streamer.config import Settings
+from streamer.errors import DATABASE_ERRORS
 from streamer.server import server_options
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SECONDS = 1.0  # open streams are ended on shutdown; do not wait on them long
 LISTENER_START_SECONDS = 30.0
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 # Makes the app in the process that serves it (a worker's, under --workers): a module-level
 # function or a functools.partial of one, so that it can be handed to a spawned process.

@@ -19,12 +19,14 @@ from streamer.changes import Signed
 from streamer.config import Settings
 from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
-from streamer.errors import DATABASE_ERRORS, ApiError, AuthError
+from streamer.errors import CONNECTION_ERRORS, ApiError, AuthError
 from streamer.feeds import Feeds
+from streamer.fleet import Reader
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.reads import PoolReads, Reads
 from streamer.sources import Source
+from streamer.sources.broker import BrokerSource
 from streamer.sources.notify import NotifySource
 from streamer.sources.wal import WalSource
 from streamer.streams import feed_events, row_events
@@ -138,9 +140,21 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     reads = app[keys.READS] = PoolReads(pool)
     feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all(Ended.DISABLED, name))
     await feeds.refresh()
-    source: Source = (WalSource if settings.source == "wal" else NotifySource)(
-        app[keys.LISTEN_DSN], pool, Signed(reads.signing_key)
-    )
+    database = WalSource if settings.source == "wal" else NotifySource
+
+    def direct() -> Source:
+        return database(app[keys.LISTEN_DSN], pool, Signed(reads.signing_key))
+
+    source = direct()
+    if settings.broker_url is not None:
+        source = BrokerSource(
+            settings.broker_url,
+            Signed(reads.signing_key),
+            source.mark,
+            name=settings.source,
+            metrics=app[keys.METRICS],
+        )
+        hub.interest = source
     dispatcher = Dispatcher(source, reads, hub, feeds, app[keys.METRICS])
     app[keys.DISPATCHER] = dispatcher
     feeds.after = dispatcher.check_source
@@ -149,6 +163,16 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     tasks = app[keys.TASKS] = Supervisor(app[keys.METRICS])
     tasks.start("listener", dispatcher.run)  # the name operators know from /metrics
     tasks.start("feeds", feeds.run)
+    if settings.broker_url is not None:
+        reader = Reader(
+            app[keys.LISTEN_DSN],
+            direct,
+            reads.signing_key,
+            settings.broker_url,
+            app[keys.METRICS],
+            gave_up=lambda why: dispatcher.stop_reading(why, for_good=True),
+        )
+        tasks.start("reader", reader.run)
     yield
     await tasks.stop()
     await dispatcher.close()
@@ -162,7 +186,7 @@ async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
                 gone = await reads.prune(feed, keep_hours)
                 if gone:
                     log.info("pruned %d %s tombstones older than %sh", gone, feed.name, keep_hours)
-            except DATABASE_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
         await asyncio.sleep(PRUNE_EVERY)
 
@@ -211,7 +235,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(2):
             await request.app[keys.READS].ping()
-    except DATABASE_ERRORS:
+    except CONNECTION_ERRORS:
         problems.append("database unreachable")
     if problems:
         return error_response(503, "UNAVAILABLE", "Not ready: " + ", ".join(problems) + ".")

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 
 from streamer.errors import InvalidCursor
 
@@ -53,6 +53,12 @@ class Change(BaseModel):
     at: float | None = Field(default=None, alias="t")  # the writer's clock, epoch seconds
     terminal: bool = Field(default=False, alias="e")
     row: str | None = None  # not in the envelope: the JSON after it
+    # The signed text it was read from, as it came: what a fleet's reader relays.
+    _text: str = PrivateAttr(default="")
+
+    @property
+    def text(self) -> str:
+        return self._text
 
     @model_validator(mode="after")
     def _routable(self) -> Change:
@@ -98,6 +104,14 @@ class Hint:
 
 
 @dataclass(frozen=True, slots=True)
+class Progress:
+    """Every change before it with a horizon up to `horizon` has been handed on (a fleet's
+    reader says so now and then, for a node that receives only some of the changes)."""
+
+    horizon: int
+
+
+@dataclass(frozen=True, slots=True)
 class Forged:
     """A payload that no feed trigger signed: any role that can connect can NOTIFY."""
 
@@ -110,7 +124,7 @@ class Unreadable:
     why: str
 
 
-Payload = Change | Marker | Hint | Forged | Unreadable
+Payload = Change | Marker | Hint | Progress | Forged | Unreadable
 
 
 def marker_text(token: str) -> str:
@@ -148,6 +162,7 @@ class Signed:
             return Unreadable(f"{exc.error_count()} problem(s) in a signed change")
         if newline:
             change.row = row
+        change._text = text
         return change
 
 

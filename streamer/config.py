@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     listen_database_url: str | None = None
     # Where changes come from: NOTIFY, or logical messages read from the WAL (sources/).
     source: Literal["notify", "wal"] = "notify"
+    # A fleet: every process sharing the database and this Redis (redis://host:port/N) reads
+    # the database through one of them (streamer/fleet.py); unset, each reads it itself.
+    broker_url: str | None = None
     # The built-in `files` table and its feed (sql/001_files.sql); off: `migrate` leaves it out.
     files_table: bool = True
     host: str = Field(default="127.0.0.1", min_length=1)
@@ -60,6 +63,17 @@ class Settings(BaseSettings):
             return None  # an empty variable is an unset one
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a URL: postgresql://user@host:5432/db")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if value.startswith("nats://"):
+            raise ValueError("this release's fleet runs on Redis 7+, not NATS: redis://host:port/N")
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a Redis URL: redis://host:port/N (Redis 7+)")
         return value
 
     @field_validator("jwks_url")

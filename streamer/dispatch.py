@@ -21,8 +21,18 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-from streamer.changes import Change, Forged, Hint, Marker, Payload, Row, Snapshot, Unreadable
-from streamer.errors import DATABASE_ERRORS
+from streamer.changes import (
+    Change,
+    Forged,
+    Hint,
+    Marker,
+    Payload,
+    Progress,
+    Row,
+    Snapshot,
+    Unreadable,
+)
+from streamer.errors import CONNECTION_ERRORS
 from streamer.feeds import Feed, Feeds
 from streamer.hub import Hub
 from streamer.metrics import Metrics
@@ -86,7 +96,7 @@ class Dispatcher:
             try:
                 await self._session()
                 failures = 0
-            except DATABASE_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("change connection failed: %s", exc.__class__.__name__)
             except Deaf:
                 failures = 0
@@ -235,6 +245,8 @@ class Dispatcher:
                 self._marked(payload)
                 continue
             self.hub.advance(payload.horizon)  # xids are database-wide: whatever the feed
+            if isinstance(payload, Progress):
+                continue
             if held.sent:
                 continue
             feed = self.feeds.get(payload.feed)
@@ -259,7 +271,7 @@ class Dispatcher:
         try:
             current = await self.reads.row(feed, change.row_id)
             self._pass(feed, change, current)
-        except DATABASE_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             # Leave the gap to the recovery: drop the connection, catch up.
             log.warning("could not read back a large row: %s", exc.__class__.__name__)
             self._lost.set()

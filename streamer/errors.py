@@ -1,20 +1,23 @@
 """Every error a client can cause, as a small named class with its HTTP status and code,
-and what a database out of reach looks like.
+and what a connection out of reach looks like.
 
 The one place client errors become responses is the error middleware in app.py.
 """
 
 import asyncpg
 import psycopg2
+from redis.exceptions import RedisError
 
-# A database (or its change connection) out of reach, whichever driver met it (psycopg2:
-# the WAL's replication connection): retried, or answered 503, never a bug.
-DATABASE_ERRORS = (
+# A database, its change connection or a fleet's broker out of reach, whichever driver met
+# it (psycopg2: the WAL's replication connection; redis: the broker): retried, or answered
+# 503, never a bug.
+CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     TimeoutError,
     psycopg2.Error,
+    RedisError,
 )
 
 

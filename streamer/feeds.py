@@ -18,7 +18,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from streamer.changes import BIGINT_MAX
-from streamer.errors import DATABASE_ERRORS, InvalidId
+from streamer.errors import CONNECTION_ERRORS, InvalidId
 
 log = logging.getLogger(__name__)
 
@@ -130,5 +130,5 @@ class Feeds:
             self._wake.clear()
             try:
                 await self.refresh()
-            except DATABASE_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 log.warning("could not read the feeds: %s", exc.__class__.__name__)

@@ -61,6 +61,20 @@ class Metrics:
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
         )
+        self.reader = Gauge(
+            "streamer_fleet_reader",
+            "1 while this process reads the database for its fleet (STREAMER_BROKER_URL)",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
+        self.broker_published = Counter(
+            "streamer_broker_published", "Messages published to the fleet's broker", registry=r
+        )
+        self.broker_stale = Counter(
+            "streamer_broker_stale",
+            "Broker messages dropped: from a reader that lost its election",
+            registry=r,
+        )
         self.task_failures = Counter(
             "streamer_task_failures",
             "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from streamer.changes import CatchUp, Change, Marker, Snapshot
+from streamer.changes import CatchUp, Change, Marker, Progress, Snapshot
 from streamer.feeds import Feed, Feeds
 from streamer.hub import Hub
 from streamer.reads import Reads
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class Held:
     """A payload waiting for its turn, in commit order."""
 
-    payload: Change | Marker
+    payload: Change | Marker | Progress
     sent: bool = False  # went out early, during the recovery
 
 
@@ -97,7 +97,7 @@ class Recovery:
             if isinstance(held.payload, Marker):
                 return  # never before what it proves: looked at again next time
             self.seen += 1
-            if not held.sent:
+            if isinstance(held.payload, Change) and not held.sent:
                 held.sent = self._send_early(held.payload)
 
     def _send_early(self, change: Change) -> bool:

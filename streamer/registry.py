@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from typing import Protocol
 
 from streamer.errors import TooManyStreams, Unavailable
 from streamer.feeds import Feed
@@ -16,6 +17,28 @@ from streamer.sse import TokenExpiredEvent, frame, now
 from streamer.subscriber import Ended, Key, Subscriber, envelope
 
 log = logging.getLogger(__name__)
+
+
+class Interest(Protocol):
+    """What a source is told of the streams here: a fleet's node receives only the changes
+    of the (feed, owner)s it follows (streamer/sources/broker.py)."""
+
+    def follow(self, key: Key) -> Awaitable[None] | None:
+        """A first stream of `key` opened: receive its changes from now on; what is
+        returned (if anything) is done once they flow."""
+
+    def unfollow(self, key: Key) -> None:
+        """The last stream of `key` ended."""
+
+
+class Everything:
+    """The interest of a source that receives every change (notify, wal)."""
+
+    def follow(self, key: Key) -> None:
+        return None
+
+    def unfollow(self, key: Key) -> None:
+        return None
 
 
 class Registry:
@@ -37,6 +60,8 @@ class Registry:
         self.queue_limit = queue_limit  # envelopes a stream may queue while it is set up
         self.buffer_limit = buffer_limit  # unsent bytes a live stream may hold
         self._pending: list[Subscriber] = []
+        self.interest: Interest = Everything()
+        self._following: dict[Key, asyncio.Future[None]] = {}
         self._by_key: dict[Key, set[Subscriber]] = {}
         self._per_user: dict[str, int] = {}
         self.count = 0
@@ -56,18 +81,22 @@ class Registry:
 
     # -- subscriptions --------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def subscription(
+    @contextlib.asynccontextmanager
+    async def subscription(
         self, feed: Feed, owner: str, user: str, row_id: str | None, *, expires_at: float
-    ) -> Iterator[Subscriber]:
-        """A stream's place in the hub for as long as it is open; at `expires_at` (epoch
-        seconds, the token's `exp`) it gets `token-expired` and ends."""
+    ) -> AsyncIterator[Subscriber]:
+        """A stream's place in the hub for as long as it is open, given once its changes
+        flow to this process; at `expires_at` (epoch seconds, the token's `exp`) it gets
+        `token-expired` and ends."""
         sub = self.subscribe(feed, owner, user, row_id)
         loop = asyncio.get_running_loop()
         expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
         delay = max(0.0, expires_at - time.time())
         expiry = loop.call_at(loop.time() + delay, lambda: sub.push(expired))
         try:
+            following = self._following.get(sub.key)
+            if following is not None:
+                await asyncio.shield(following)
             yield sub
         finally:
             expiry.cancel()
@@ -85,7 +114,13 @@ class Registry:
             self.metrics.rejected_streams.labels("per_process").inc()
             raise TooManyStreams("This server has too many open streams; try another.")
         sub = Subscriber(self, feed, owner, user, row_id)
-        self._by_key.setdefault(sub.key, set()).add(sub)
+        subs = self._by_key.get(sub.key)
+        if subs is None:
+            subs = self._by_key[sub.key] = set()
+            following = self.interest.follow(sub.key)
+            if following is not None:
+                self._following[sub.key] = asyncio.ensure_future(following)
+        subs.add(sub)
         self._per_user[user] = self._per_user.get(user, 0) + 1
         self.count += 1
         self.metrics.streams_open.inc()
@@ -98,6 +133,10 @@ class Registry:
         subs.discard(sub)
         if not subs:
             del self._by_key[sub.key]
+            self.interest.unfollow(sub.key)
+            following = self._following.pop(sub.key, None)
+            if following is not None and not following.done():
+                following.cancel()
         left = self._per_user[sub.user] - 1
         if left:
             self._per_user[sub.user] = left

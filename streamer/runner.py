@@ -18,7 +18,7 @@ from aiohttp import web
 
 from streamer import keys
 from streamer.config import Settings
-from streamer.errors import DATABASE_ERRORS
+from streamer.errors import CONNECTION_ERRORS
 from streamer.server import server_options
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) 
     )
     try:
         await runner.setup()
-    except DATABASE_ERRORS as exc:
+    except CONNECTION_ERRORS as exc:
         raise StartupError(f"cannot use DATABASE_URL: {first_line(exc)}") from None
     try:
         # The port opens once the LISTEN connection is up: under SO_REUSEPORT the kernel

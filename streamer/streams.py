@@ -14,7 +14,13 @@ from aiohttp import HttpVersion11, web
 from streamer import keys
 from streamer.auth import Principal
 from streamer.changes import NOTHING, Snapshot, parse_cursor
-from streamer.errors import DATABASE_ERRORS, InvalidCursor, InvalidParameter, NotFound, Unavailable
+from streamer.errors import (
+    CONNECTION_ERRORS,
+    InvalidCursor,
+    InvalidParameter,
+    NotFound,
+    Unavailable,
+)
 from streamer.feeds import Feed
 from streamer.sse import (
     ResetEvent,
@@ -168,7 +174,7 @@ async def _write_since(
                 await _send(request, response, data)
                 part = await anext(batches, None)
             return response, read.snapshot
-    except DATABASE_ERRORS as exc:
+    except CONNECTION_ERRORS as exc:
         if response is None or not response.prepared:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         raise ConnectionResetError("the database went away during a catch-up") from exc
@@ -189,7 +195,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
         subscription = hub.subscription(
             feed, owner, principal.subject, None, expires_at=principal.expires_at
         )
-        with subscription as sub:
+        async with subscription as sub:
             try:
                 if since is not None or snapshot or truncated:
                     response, seen = await _write_since(
@@ -217,10 +223,10 @@ async def row_events(request: web.Request) -> web.StreamResponse:
     subscription = request.app[keys.HUB].subscription(
         feed, owner, principal.subject, row_id, expires_at=principal.expires_at
     )
-    with subscription as sub:
+    async with subscription as sub:
         try:
             seen, row = await request.app[keys.READS].one(feed, owner, row_id)
-        except DATABASE_ERRORS as exc:
+        except CONNECTION_ERRORS as exc:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         reconnect = _raw_cursor(request) is not None
         if row is None:

@@ -14,6 +14,8 @@ UV_SYNC := UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON_DOWNLOADS=never \
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
 NGINX := /usr/sbin/nginx
+# Debian's Redis: a fleet's broker in the fleet's tests and `make example` (never the service).
+REDIS := /usr/bin/redis-server
 # The browser client's one source is client/ (an npm package). The service serves a copy at
 # /static for pages without a build step; the copy is committed, so that an installed
 # package has it too, and make refreshes it (js-test fails if it was edited by hand).
@@ -29,13 +31,20 @@ PACKED := $(APP)/packed/streamer-client.tgz
 PACKAGE_FILES := client/package.json client/README.md client/LICENSE \
 	$(addprefix client/src/,$(CLIENT_FILES))
 # apt-get as root, or through sudo; sudo drops the environment, so env passes it through.
+# A package's system service (nginx, redis) is never started: where no policy-rc.d says so
+# already, one that refuses every start is put in place for the install and removed after.
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	if [ ! -e /usr/sbin/policy-rc.d ]; then \
+		printf '\#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null; \
+		$$SUDO chmod +x /usr/sbin/policy-rc.d; \
+		trap '$$SUDO rm -f /usr/sbin/policy-rc.d' EXIT; \
+	fi; \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .DEFAULT_GOAL := help
 .PHONY: help install run demo example app test lint format pytest js-deps js-test browser-deps \
-	nginx-deps lock bench soak clean
+	nginx-deps broker-deps lock bench soak clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -72,7 +81,7 @@ run: install ## run the service (embedded Postgres unless DATABASE_URL is set)
 demo: install ## embedded Postgres + simulated file processor + live demo page
 	$(BIN)/streamer demo
 
-example: install nginx-deps app ## nginx (HTTP/2) on https://127.0.0.1:8443, two streamer nodes, the SvelteKit app
+example: install nginx-deps broker-deps app ## nginx (HTTP/2) on https://127.0.0.1:8443, two streamer nodes, the SvelteKit app
 	exec $(BIN)/python -m examples.stack
 
 browser-deps: ## install Debian's chromium and chromium-driver for the browser tests
@@ -88,6 +97,13 @@ nginx-deps: ## install Debian's nginx (run by the example and its test, never as
 		$(APT_INSTALL) nginx >/dev/null; \
 	fi
 	@test -x $(NGINX) && command -v openssl >/dev/null
+
+broker-deps: ## install Debian's redis-server (run by the fleet's tests and example, never as the system service)
+	@if [ ! -x $(REDIS) ]; then \
+		echo "installing redis-server (apt-get)"; \
+		$(APT_INSTALL) redis-server >/dev/null; \
+	fi
+	@test -x $(REDIS)
 
 js-deps: ## install Node.js and npm (Debian's) when missing
 	@if ! command -v node >/dev/null; then \
@@ -137,13 +153,13 @@ js-test: js-deps $(SERVED) client/LICENSE ## the client package's tests (Node's 
 SOURCE_FREE := test_auth.py test_dispatch.py test_client_types.py test_migrations.py \
 	test_wal_source.py
 
-pytest: install browser-deps nginx-deps app
+pytest: install browser-deps nginx-deps broker-deps app
 	$(BIN)/python -m pytest -q
 	STREAMER_SOURCE=wal $(BIN)/python -m pytest -q $(addprefix --ignore=tests/,$(SOURCE_FREE))
 
 test: lint js-test pytest ## everything: lint, type checks, client tests, the test suite
 
-bench: install ## benchmarks into bench/results/ (not in make test); BENCH_ARGS=--quick
+bench: install broker-deps ## benchmarks into bench/results/ (not in make test); BENCH_ARGS=--quick
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 soak: install ## the long form of the fault tests

@@ -19,6 +19,7 @@ from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
 from streamer.db import Database, fresh, migrate, source_problem
 from streamer.demo import run_demo
+from streamer.fleet import broker_problem
 from streamer.logs import setup_logging
 from streamer.migrations import MigrationError
 from streamer.runner import StartupError, Terminated, first_line, raise_on_sigterm, run_server
@@ -128,6 +129,15 @@ def _check_source(settings: Settings, database: Database, **when: bool) -> None:
         raise StartupError(problem)
 
 
+def _check_broker(settings: Settings) -> None:
+    """A fleet's broker that cannot be reached stops start-up, in one line."""
+    if settings.broker_url is None:
+        return
+    problem = broker_problem(settings.broker_url)
+    if problem is not None:
+        raise StartupError(f"cannot use STREAMER_BROKER_URL: {problem}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     raise_on_sigterm()  # so that a SIGTERM during start-up unwinds `with Database`
     settings = resolve_secret(_settings(args))
@@ -141,6 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not args.no_migrate:
             _migrate(settings, database, switch=switch)
         _check_source(settings, database)
+        _check_broker(settings)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
         # A partial of a module-level function: a spawned worker can be handed it.

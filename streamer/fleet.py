@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import redis as sync_redis
 import redis.asyncio as redis
 
 from streamer.changes import Change, Forged, Hint, Marker, Payload, Unreadable
@@ -47,8 +48,19 @@ LOCK = int.from_bytes(b"streamer", "big") >> 1  # the advisory lock's key (a big
 BATCH = 500  # messages published per round trip
 
 
-class GaveUp(Exception):
-    """The reader met a change it cannot read: another (later) release must read."""
+def broker_problem(url: str) -> str | None:
+    """Why the broker at `url` cannot serve a fleet, in one line (None: it can): it does
+    not answer, or it is older than Redis 7."""
+    client = sync_redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        version = str(client.info("server").get("redis_version", "0"))
+    except (sync_redis.RedisError, OSError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    finally:
+        client.close()
+    if int(version.split(".")[0] or 0) < 7:
+        return f"Redis {version} is older than 7"
+    return None
 
 
 class Reader:

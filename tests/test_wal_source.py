@@ -41,7 +41,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.scrape import eventually
 from tests.test_cli import serving, streamer
 
 EVENTS = "/api/files/events"
@@ -231,7 +230,7 @@ async def test_a_running_process_confirms_what_it_read_so_postgres_keeps_no_wal_
             )
             return bool(flushed >= written)
 
-        await eventually(confirmed)
+        await wait_until(confirmed)
     finally:
         await db.close()
 
@@ -275,7 +274,7 @@ async def test_no_slot_is_left_behind_when_a_serving_process_is_killed(wal_url: 
         async def slot_gone() -> bool:
             return slot not in await slots(db)
 
-        await eventually(slot_gone, timeout=20)
+        await wait_until(slot_gone, timeout=20)
     finally:
         await db.close()
 
@@ -291,7 +290,7 @@ async def test_a_service_stopped_cleanly_leaves_no_slot_either(wal_url: str):
         async def slot_gone() -> bool:
             return slot not in await slots(db)
 
-        await eventually(slot_gone)
+        await wait_until(slot_gone)
     finally:
         await db.close()
 

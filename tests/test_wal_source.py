@@ -298,7 +298,7 @@ async def test_a_service_stopped_cleanly_leaves_no_slot_either(wal_url: str):
 async def test_a_commit_that_a_crash_takes_back_was_never_sent(tmp_path: Path, user: uuid.UUID):
     """With synchronous_commit off a crash loses the last commits. The WAL source reads only
     flushed WAL, so no stream was told of them and no cursor given out is past them: after
-    the restart streams go on with no reset (compare test_adversarial_faults with NOTIFY)."""
+    the restart streams go on with no reset (compare test_restarts with NOTIFY)."""
     server = EmbeddedPostgres(tmp_path / "pg", fast=True, options="-c wal_writer_delay=10s")
     await asyncio.to_thread(server.start)
     try:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
+import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,9 @@ WRITER_PASSWORD = "writer-password"
 _counter = itertools.count()
 # The change source under test, as `streamer serve` would read it.
 SOURCE = Settings().source
+# How long wait_until waits for a condition by default, and how often it checks it.
+WAIT = 10.0
+POLL = 0.005
 
 
 def pytest_report_header() -> str:
@@ -319,8 +325,34 @@ async def change_connections(db: asyncpg.Connection) -> int:
     return count
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll an in-process condition every few milliseconds until it holds."""
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = WAIT
+) -> None:
+    """Check a condition that no event announces every few milliseconds until it holds
+    (`condition` may be a coroutine function); TimeoutError after `timeout` seconds."""
     async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
+            await asyncio.sleep(POLL)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server that must keep its port across restarts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def nothing_logged_at_error(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A client's mistake is never the server's error: no error-level log line at all."""
+    caplog.set_level(logging.INFO)
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    errors = [f"{r.name}: {r.getMessage()}" for r in records if r.levelno >= logging.ERROR]
+    assert errors == []

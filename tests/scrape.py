@@ -1,14 +1,9 @@
-"""Reading /metrics as Prometheus does, and waiting on a condition where no event exists."""
+"""Reading /metrics as Prometheus does."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
-
-TIMEOUT = 10.0
 
 
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
@@ -23,10 +18,3 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT) -> None:
-    """Poll `check` every few milliseconds until it holds."""
-    async with asyncio.timeout(timeout):
-        while not await check():
-            await asyncio.sleep(0.01)

@@ -3,7 +3,8 @@ it can be sent, every way of configuring the server. A refusal is a 401 with
 `WWW-Authenticate: Bearer` and a JSON code, never a 500, and no token reaches a log line or
 the answer.
 
-The servers start once for this module; each row of the table is one request."""
+The servers start once for this module; each row of the table is one request. `streamer
+serve` itself, in a process of its own, answers hostile tokens as these servers do."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -31,8 +33,11 @@ from tests.conftest import (
     insert_file,
     start_service,
     stop_service,
+    token_for,
+    wait_until,
 )
-from tests.scrape import eventually, scrape
+from tests.process import client_session, streamer_serve
+from tests.scrape import scrape
 from tests.tokens import (
     ATTACKER,
     EC_KEY,
@@ -539,6 +544,32 @@ async def test_a_one_megabyte_token_gets_a_clean_4xx(
         assert response.status == 200
 
 
+async def test_streamer_serve_answers_hostile_tokens_as_the_tests_server_does(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with streamer_serve(database_url, tmp_path) as service, client_session() as session:
+        url = service.base_url + EVENTS
+        too_long = "a" * (MAX_TOKEN_LENGTH + 8 * 1024)
+        for request in ({"headers": {"Authorization": f"Bearer {too_long}"}},
+                        {"params": {"access_token": too_long}}):  # fmt: skip
+            async with session.get(url, **request) as response:  # type: ignore[arg-type]
+                assert response.status == 401
+                assert (await response.json())["code"] == "TOKEN_INVALID"
+        absurd = "b" * 1_000_000
+        for request in ({"headers": {"Authorization": f"Bearer {absurd}"}},
+                        {"params": {"access_token": absurd}}):  # fmt: skip
+            async with session.get(url, **request) as response:  # type: ignore[arg-type]
+                assert response.status == 400
+                assert b"Traceback" not in await response.read()
+        async with session.get(
+            url, headers={"Authorization": f"Bearer {token_for(uuid.uuid4())}"}
+        ) as response:
+            assert response.status == 200
+        assert service.errors() == []
+    log = (tmp_path / "streamer.log").read_text()
+    assert "aaaaaaaaaaaaaaaa" not in log and "bbbbbbbbbbbbbbbb" not in log
+
+
 @pytest.mark.parametrize("kind", ["every file", "one file"])
 async def test_at_the_tokens_exp_the_stream_says_token_expired_and_ends(
     servers: dict[str, Service], writer: asyncpg.Connection, user: uuid.UUID, kind: str
@@ -559,4 +590,4 @@ async def test_at_the_tokens_exp_the_stream_says_token_expired_and_ends(
         samples = await scrape(service.session, service.url("/metrics"))
         return samples["streamer_streams_open"] == 0
 
-    await eventually(released)
+    await wait_until(released)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
@@ -27,7 +26,7 @@ from streamer import keys
 from streamer.app import AccessLogger, create_app
 from streamer.config import Settings
 from streamer.demo import add_demo_routes
-from tests.conftest import SECRET, insert_file
+from tests.conftest import SECRET, free_port, insert_file
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -47,14 +46,6 @@ CHROMIUM_FLAGS = (
     "--disable-sync",
     "--window-size=1280,1100",
 )
-
-
-def free_port() -> int:
-    """A port nothing listens on now, for a server that must keep its port across restarts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -233,6 +224,11 @@ async def state(db: asyncpg.Connection, file_id: uuid.UUID) -> dict[str, Any]:
     return dict(row)
 
 
+async def states(db: asyncpg.Connection, *file_ids: uuid.UUID) -> dict[uuid.UUID, dict[str, Any]]:
+    """What the page should show: these files, and only these."""
+    return {file_id: await state(db, file_id) for file_id in file_ids}
+
+
 async def test_the_demo_page_shows_every_change_live_and_across_a_service_restart(
     demo: DemoService, browser: Any, db: asyncpg.Connection
 ):
@@ -246,35 +242,11 @@ async def test_the_demo_page_shows_every_change_live_and_across_a_service_restar
     await page.open(demo.base + "/demo/")
     await page.connection_is("live")
     await page.shows(
-        {queued: await state(db, queued), working: await state(db, working)},
-        "the files that existed before the page opened",
+        await states(db, queued, working), "the files that existed before the page opened"
     )
     assert page.rows()[str(queued)]["status"] == "pending"
 
-    # Live: an update, an insert, a failure with its message, a delete.
-    await db.execute(
-        "update files set progress = 60, processing_stage = 'transcoding' where id = $1", working
-    )
-    await page.shows(
-        {queued: await state(db, queued), working: await state(db, working)}, "an update"
-    )
-    added = await insert_file(db, user, "team-photo.jpg", file_type="image/jpeg")
-    await db.execute(
-        "update files set status = 'failed', error_message = 'Document is password-protected'"
-        " where id = $1",
-        queued,
-    )
-    await page.shows(
-        {
-            queued: await state(db, queued),
-            working: await state(db, working),
-            added: await state(db, added),
-        },
-        "an insert and a failure",
-    )
-    assert page.rows()[str(queued)]["error"] == "Document is password-protected"
-    await db.execute("delete from files where id = $1", queued)
-    await page.shows({working: await state(db, working), added: await state(db, added)}, "a delete")
+    added = await each_change_shows_live(page, db, user, queued, working)
     problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert problems == [], problems
 
@@ -292,8 +264,7 @@ async def test_the_demo_page_shows_every_change_live_and_across_a_service_restar
     await demo.start()
     await page.connection_is("live")
     await page.shows(
-        {working: await state(db, working), while_down: await state(db, while_down)},
-        "what changed while the service was down",
+        await states(db, working, while_down), "what changed while the service was down"
     )
     # The browser's own reconnect did it, sending Last-Event-ID: the page reloaded nothing.
     resumed = demo.requests[before_restart:]
@@ -305,12 +276,31 @@ async def test_the_demo_page_shows_every_change_live_and_across_a_service_restar
         " where id = $1",
         while_down,
     )
-    await page.shows(
-        {working: await state(db, working), while_down: await state(db, while_down)},
-        "a change after the restart",
-    )
+    await page.shows(await states(db, working, while_down), "a change after the restart")
     assert str(someone_else) not in page.rows()
     await page.screenshot(SCREENSHOT)
+
+
+async def each_change_shows_live(
+    page: Page, db: asyncpg.Connection, user: uuid.UUID, queued: uuid.UUID, working: uuid.UUID
+) -> uuid.UUID:
+    """An update, an insert, a failure with its message, a delete (of `queued`): each shows
+    as it commits. Returns the inserted file."""
+    await db.execute(
+        "update files set progress = 60, processing_stage = 'transcoding' where id = $1", working
+    )
+    await page.shows(await states(db, queued, working), "an update")
+    added = await insert_file(db, user, "team-photo.jpg", file_type="image/jpeg")
+    await db.execute(
+        "update files set status = 'failed', error_message = 'Document is password-protected'"
+        " where id = $1",
+        queued,
+    )
+    await page.shows(await states(db, queued, working, added), "an insert and a failure")
+    assert page.rows()[str(queued)]["error"] == "Document is password-protected"
+    await db.execute("delete from files where id = $1", queued)
+    await page.shows(await states(db, working, added), "a delete")
+    return added
 
 
 async def test_a_page_whose_token_is_refused_after_a_restart_gets_a_new_one_and_resumes(
@@ -320,7 +310,7 @@ async def test_a_page_whose_token_is_refused_after_a_restart_gets_a_new_one_and_
     page = Page(browser)
     await page.open(demo.base + "/demo/")
     await page.connection_is("live")
-    await page.shows({file_id: await state(db, file_id)}, "the file")
+    await page.shows(await states(db, file_id), "the file")
 
     await demo.stop()
     await page.wait(lambda: page.connection() != "live", "the page noticing the service left")
@@ -335,7 +325,7 @@ async def test_a_page_whose_token_is_refused_after_a_restart_gets_a_new_one_and_
     await demo.start(jwt_secret=SECRET + "-rotated")
     await page.connection_is("live")
     await page.shows(
-        {file_id: await state(db, file_id), added: await state(db, added)},
+        await states(db, file_id, added),
         "what changed while the service was down",
     )
     resumed = [(r["status"], bool(r["header"]), bool(r["query"])) for r in demo.requests]
@@ -350,7 +340,7 @@ async def test_a_page_whose_token_expires_renews_it_and_resumes_from_its_cursor(
     page = Page(browser)
     await page.open(demo.base + "/demo/")
     await page.connection_is("live")
-    await page.shows({file_id: await state(db, file_id)}, "the file")
+    await page.shows(await states(db, file_id), "the file")
 
     # At exp the server sends token-expired and ends the stream; the client fetches a new
     # token and reconnects from its cursor, and the page carries on.
@@ -358,4 +348,4 @@ async def test_a_page_whose_token_expires_renews_it_and_resumes_from_its_cursor(
     renewed = demo.requests[1]
     assert renewed["status"] == "200" and renewed["query"] and not renewed["header"], renewed
     await db.execute("update files set progress = 45 where id = $1", file_id)
-    await page.shows({file_id: await state(db, file_id)}, "a change after the renewal")
+    await page.shows(await states(db, file_id), "a change after the renewal")

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -23,7 +22,7 @@ import pytest
 
 from streamer.embedded import EmbeddedPostgres
 from tests.client import open_stream
-from tests.conftest import SECRET, SOURCE, insert_file, token_for, wait_until
+from tests.conftest import SECRET, SOURCE, free_port, insert_file, token_for, wait_until
 from tests.scrape import scrape
 
 EVENTS = "/api/files/events"
@@ -201,13 +200,6 @@ async def serving(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # a worker left behind by a failure
         await server._reader
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_sigterm_ends_open_streams_cleanly_and_exits_0(database_url, user):

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from streamer.embedded import EmbeddedPostgres
-from tests.test_browser import free_port
+from tests.conftest import free_port
 
 START_TIMEOUT = 60.0  # a first run initialises a Postgres cluster
 STOP_TIMEOUT = 30.0

@@ -19,6 +19,7 @@ from streamer.feeds import FILES, Feed, Feeds
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.subscriber import Subscriber
+from tests.conftest import wait_until
 from tests.memory import Transport, sink
 
 KEY = b"unit-test-signing-key"
@@ -263,8 +264,7 @@ async def test_recovery_catches_open_streams_up_and_does_not_repeat_what_it_read
     rig.reads.caught_up = [Row(ALICE, "f1", 399 * 1024, '{"id":"f1","version":1}', False)]
     sessions = rig.dispatcher.sessions
     rig.source.lost.set()  # the connection drops; the dispatcher reconnects and recovers
-    while rig.dispatcher.sessions == sessions:
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: rig.dispatcher.sessions != sessions)
     # Arriving after the reconnect: one the recovery's snapshot saw, one it did not.
     rig.source.commit(change("f1", ALICE, 399 * 1024, 399, row={}))
     rig.source.commit(change("f2", ALICE, 401 * 1024, 401, row={}))

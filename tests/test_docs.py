@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import SOURCE
-from tests.test_cli import environment, free_port
+from tests.conftest import SOURCE, free_port
+from tests.test_cli import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

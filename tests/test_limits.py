@@ -1,5 +1,6 @@
 """Limits and backpressure: too many streams are refused, a client that stops reading is cut
-and never holds back anyone else."""
+and never holds back anyone else, nor does one that trickles its request or never finishes
+its headers (let go after the head timeout)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,30 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestServer
+
+from streamer import keys
+from streamer.app import create_app
+from streamer.config import Settings
+from streamer.server import server_options
 from tests.client import open_stream
-from tests.conftest import Service, insert_file, start_service, stop_service, token_for
-from tests.scrape import eventually, scrape
+from tests.conftest import (
+    SECRET,
+    Service,
+    insert_file,
+    start_service,
+    stop_service,
+    token_for,
+    wait_until,
+)
+from tests.raw_http import raw_connection
+from tests.scrape import scrape
 
 EVENTS = "/api/files/events"
+TIMEOUT = 10.0
 BIG = "e" * 500_000  # a large error_message: a few of these fill any socket buffer
 
 
@@ -98,7 +118,7 @@ async def test_a_user_at_the_stream_limit_gets_429_until_one_of_their_streams_cl
             async def one_stream_open() -> bool:
                 return await metric(service, "streamer_streams_open") == 1
 
-            await eventually(one_stream_open)
+            await wait_until(one_stream_open)
             async with open_stream(service.session, url, token_for(user)):
                 pass
         rejected = await metric(service, 'streamer_streams_rejected_total{reason="per_user"}')
@@ -187,8 +207,76 @@ async def test_a_client_stuck_mid_write_is_cut_after_the_write_timeout_between_h
             async def cut() -> bool:
                 return await metric(service, "streamer_slow_client_disconnects_total") == 1
 
-            await eventually(cut)
+            await wait_until(cut)
             assert await closed_by_server(silent)
             assert await metric(service, "streamer_streams_open") == 0
     finally:
         await stop_service(service)
+
+
+@pytest.mark.usefixtures("nothing_logged_at_error")
+async def test_a_client_trickling_its_headers_byte_by_byte_does_not_hold_up_anyone(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+) -> None:
+    slow_request = (
+        f"GET {EVENTS} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token_for(other_user)}\r\n\r\n"
+    ).encode()
+    async with contextlib.AsyncExitStack() as stack:
+        # Fifty clients that sent half a request line and went quiet.
+        for _ in range(50):
+            _, writer = await stack.enter_async_context(raw_connection(service))
+            writer.write(b"GET /api/fi")
+            await writer.drain()
+        reader, slow = await stack.enter_async_context(raw_connection(service))
+        url = service.url(EVENTS)
+        async with open_stream(service.session, url, token_for(user)) as stream:
+            # One byte of the slow request per event the normal stream receives.
+            for i in range(40):
+                slow.write(slow_request[i : i + 1])
+                await slow.drain()
+                file_id = await insert_file(db, user, f"{i}.pdf")
+                assert (await stream.next()).file["id"] == str(file_id)
+        # A new stream opens and closes meanwhile, too.
+        async with open_stream(service.session, url, token_for(user)):
+            pass
+        slow.write(slow_request[40:])
+        await slow.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"synced"), TIMEOUT)
+        assert head.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.usefixtures("nothing_logged_at_error")
+async def test_a_client_that_never_finishes_its_headers_is_let_go_while_streams_live_on(
+    database_url: str, db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    # The service as `streamer serve` runs it, with a head timeout short enough to watch.
+    settings = Settings(jwt_secret=SECRET, database_url=database_url, heartbeat_seconds=0.1)
+    app = create_app(settings, database_url)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(**{**server_options(), "keepalive_timeout": 0.5})
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=30))
+    try:
+        await app[keys.DISPATCHER].ready.wait()
+        async with open_stream(session, str(server.make_url(EVENTS)), token_for(user)) as stream:
+            reader, slow = await asyncio.open_connection(server.host, server.port)
+            head = b"GET /api/files/events HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200
+            let_go = asyncio.create_task(reader.read())
+            # One byte of the head per heartbeat of the live stream, ten a second.
+            sent = 0
+            async with asyncio.timeout(TIMEOUT):
+                while not let_go.done():
+                    await stream.until("heartbeat")
+                    with contextlib.suppress(ConnectionError):
+                        slow.write(head[sent : sent + 1])
+                    sent += 1
+            assert await let_go == b""  # closed, without an answer
+            assert sent < len(head)
+            slow.close()
+            # The stream, older than the head timeout already, lives on and still streams.
+            for _ in range(3):
+                await stream.until("heartbeat")
+            file_id = await insert_file(db, user)
+            assert (await stream.next()).file["id"] == str(file_id)
+    finally:
+        await session.close()
+        await server.close()

@@ -28,6 +28,7 @@ from tests.conftest import (
     start_service,
     stop_service,
     token_for,
+    wait_until,
 )
 
 EVENTS = "/api/files/events"
@@ -109,9 +110,7 @@ async def listener_held_down(service: Service) -> AsyncIterator[None]:
 
 async def back_up(service: Service, sessions_before: int) -> None:
     listener = listener_of(service)
-    async with asyncio.timeout(20):
-        while not (listener.ready.is_set() and listener.sessions > sessions_before):
-            await asyncio.sleep(0.005)
+    await wait_until(lambda: listener.ready.is_set() and listener.sessions > sessions_before, 20)
 
 
 async def readyz(service: Service) -> tuple[int, dict[str, str]]:
@@ -228,9 +227,8 @@ async def test_a_stream_opened_while_the_listener_recovers_misses_nothing(
     await asyncio.wait_for(recovering.wait(), 10)
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
         file_id = await insert_file(db, user, "committed-during-recovery.pdf")
-        async with asyncio.timeout(10):  # the notification waits in the listener's inbox
-            while not holds(listener, file_id):
-                await asyncio.sleep(0.005)
+        # The notification waits in the listener's inbox.
+        await wait_until(lambda: holds(listener, file_id))
         go_on.set()
         await back_up(service, sessions)
         event = await stream.next()
@@ -262,9 +260,7 @@ async def test_a_stream_opened_while_the_listener_recovers_never_gets_older_stat
         await asyncio.wait_for(caught_up.wait(), 10)
         # The listener has read progress 50 and not yet told anyone. Now the file goes...
         await db.execute("delete from files where id = $1", doomed)
-        async with asyncio.timeout(10):
-            while not holds(listener, doomed):
-                await asyncio.sleep(0.005)
+        await wait_until(lambda: holds(listener, doomed))
         # ...and a second tab opens with a snapshot that already lacks it.
         async with open_stream(
             service.session, url, token_for(user), params={"snapshot": "1"}
@@ -340,9 +336,11 @@ async def _restart_while_streaming(
         assert [e.name for e in stream.events].count("synced") == 1
         assert all("never-committed" not in e.data for e in stream.events)
     await db.close()
-    async with asyncio.timeout(20):
-        while (await readyz(service))[0] != 200:
-            await asyncio.sleep(0.05)
+
+    async def ready() -> bool:
+        return (await readyz(service))[0] == 200
+
+    await wait_until(ready, 20)
 
 
 async def test_history_pruned_while_the_listener_was_down_ends_streams_into_a_reset(

@@ -22,8 +22,9 @@ from tests.conftest import (
     kill_change_connection,
     send_raw,
     token_for,
+    wait_until,
 )
-from tests.scrape import eventually, scrape
+from tests.scrape import scrape
 
 EVENTS = "/api/files/events"
 
@@ -95,7 +96,7 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
         async def rejected() -> bool:
             return await sample("streamer_notifications_rejected_total") == 1
 
-        await eventually(rejected)
+        await wait_until(rejected)
         after = await scrape(service.session, metrics_url)
         assert after["streamer_events_sent_total"] - before["streamer_events_sent_total"] == 3
         assert after["streamer_notifications_total"] - before["streamer_notifications_total"] == 3
@@ -115,7 +116,7 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
                 and samples["streamer_listener_up"] == 1
             )
 
-        await eventually(reconnected)
+        await wait_until(reconnected)
         file_id = await insert_file(db, user, "after.pdf")
         while (await stream.next()).file["id"] != str(file_id):
             pass  # a repeat of what it already has is allowed after a reconnect
@@ -123,7 +124,7 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
     async def closed() -> bool:
         return await sample("streamer_streams_open") == 0
 
-    await eventually(closed)
+    await wait_until(closed)
 
 
 async def test_access_log_lines_never_contain_a_token(
@@ -154,7 +155,7 @@ async def test_access_log_lines_never_contain_a_token(
     async def all_logged() -> bool:
         return len(access_lines()) == 6
 
-    await eventually(all_logged)  # a stream's line is written when it ends
+    await wait_until(all_logged)  # a stream's line is written when it ends
     messages = [record.getMessage() for record in access_lines()]
     assert all(token not in message for message in messages)
     assert all(token.split(".")[1] not in message for message in messages)

@@ -22,6 +22,7 @@ from tests.conftest import (
     stop_service,
     system_postgres15,
     token_for,
+    wait_until,
 )
 
 
@@ -41,9 +42,8 @@ async def stream_one_change(url: str) -> None:
             sessions = dispatcher.sessions
             await kill_change_connection(service, conn)
             await conn.execute("update files set progress = 50 where id = $1", file_id)
+            await wait_until(lambda: dispatcher.sessions != sessions, 20)
             async with asyncio.timeout(20):
-                while dispatcher.sessions == sessions:
-                    await asyncio.sleep(0.01)
                 while (event := await stream.next()).file["progress"] != 50:
                     pass
     finally:

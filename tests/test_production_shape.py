@@ -27,8 +27,8 @@ import asyncpg
 import pytest
 
 from examples.stack import ROOT, SITE, Ports, Stack
-from tests.conftest import SECRET, insert_file, token_for
-from tests.scrape import eventually, scrape
+from tests.conftest import SECRET, insert_file, token_for, wait_until
+from tests.scrape import scrape
 from tests.test_browser import CHROMIUM_FLAGS, chromium
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -235,7 +235,7 @@ async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_
         async def all_on_the_other_node() -> bool:
             return await streams_open(stack, session, 1) == TABS
 
-        await eventually(all_on_the_other_node, timeout=WAIT)
+        await wait_until(all_on_the_other_node, timeout=WAIT)
         await db.execute(
             "update files set status = 'ready', progress = 100, processing_stage = null"
             " where user_id = $1 and filename = 'holiday.mov'",
@@ -247,7 +247,7 @@ async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_
         revived = stack.tend()
         assert revived is not None and f"pid {killed.pid}) exited with -9" in revived
         assert stack.dead() is None
-        await eventually(lambda: node_ready(session, stack, 0), timeout=WAIT)
+        await wait_until(lambda: node_ready(session, stack, 0), timeout=WAIT)
     assert tabs.problems() == []
     tabs.keep_one()
     tabs.screenshot("production-files.png")

@@ -33,6 +33,7 @@ from tests.conftest import (
     start_service,
     stop_service,
     token_for,
+    wait_until,
 )
 
 USERS = 3
@@ -100,9 +101,7 @@ class Client:
         self.ended = True
 
     async def has(self, file_id: str, version: int) -> None:
-        async with asyncio.timeout(10):
-            while self.view.get(file_id, {}).get("version") != version:
-                await asyncio.sleep(0.005)
+        await wait_until(lambda: self.view.get(file_id, {}).get("version") == version)
 
     async def disconnect(self) -> None:
         """Leave as a closed tab does: what was received is applied, the rest is lost."""
@@ -128,13 +127,101 @@ async def rows_of(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, tuple[in
 async def wait_live(service: Service, source: NotifySource | WalSource, killed: set[int]) -> None:
     """Until the change connection is one that was not killed and the dispatcher is live."""
     dispatcher = service.app[keys.DISPATCHER]
-    async with asyncio.timeout(20):
-        while not dispatcher.ready.is_set() or source.pid is None or source.pid in killed:
-            await asyncio.sleep(0.005)
+    await wait_until(
+        lambda: dispatcher.ready.is_set() and source.pid is not None and source.pid not in killed,
+        20,
+    )
 
 
 def seen_by(client: Client) -> dict[str, tuple[int, int, str]]:
     return {i: (f["version"], f["progress"], f["status"]) for i, f in client.view.items()}
+
+
+@dataclass
+class Story:
+    """The service, two writers and an admin, the clients, and the files written so far."""
+
+    service: Service
+    db: asyncpg.Connection
+    other: asyncpg.Connection  # the second writer of crossed transactions
+    admin: asyncpg.Connection
+    users: list[uuid.UUID]
+    clients: list[Client]
+    files: list[uuid.UUID]
+    source: NotifySource | WalSource
+    killed: set[int] = field(default_factory=set)
+
+    async def run(self, op: Op) -> None:
+        kind, args = op[0], op[1:]
+        db, files, clients = self.db, self.files, self.clients
+        if kind == "insert":
+            files.append(await insert_file(db, self.users[args[0]], f"f{len(files)}.bin"))
+        elif kind == "leave":
+            await clients[args[0]].disconnect()
+        elif kind == "come_back":
+            if clients[args[0]].ended:
+                await clients[args[0]].connect()
+        elif kind == "resume":
+            await clients[args[0]].disconnect()
+            await clients[args[0]].connect()
+        elif kind == "kill_listener":
+            if self.source.pid is not None:
+                self.killed.add(self.source.pid)
+                await self.admin.execute("select pg_terminate_backend($1)", self.source.pid)
+        elif not files:
+            return
+        elif kind == "update":
+            file_id, progress = files[args[0] % len(files)], args[1]
+            await db.execute("update files set progress = $2 where id = $1", file_id, progress)
+        elif kind == "delete":
+            await db.execute("delete from files where id = $1", files.pop(args[0] % len(files)))
+        elif kind == "transfer":
+            file_id, to = files[args[0] % len(files)], self.users[args[1]]
+            await db.execute("update files set user_id = $2 where id = $1", file_id, to)
+        elif kind == "crossed":
+            await self.crossed(files[args[0] % len(files)], files[args[1] % len(files)], args[2])
+        else:
+            raise AssertionError(kind)
+
+    async def crossed(self, first: uuid.UUID, second: uuid.UUID, away: bool) -> None:
+        if first == second:
+            return  # the second would wait for the first's row lock
+        if SOURCE == "wal":
+            # A WAL source reconnects once the transactions open as it creates its
+            # slot have ended: this one must not wait on it. Until the service
+            # notices a kill, it is still ready on the connection that is gone.
+            await wait_live(self.service, self.source, self.killed)
+        async with self.db.transaction():
+            await self.db.execute("update files set progress = 1 where id = $1", first)
+            owner, version = await self.other.fetchrow(
+                "update files set progress = 2 where id = $1 returning user_id, streamer_version",
+                second,
+            )
+            client = self.clients[self.users.index(owner)]
+            if away and not client.ended:
+                await client.has(str(second), version)
+                await client.disconnect()
+
+    async def converge(self, client: Client) -> None:
+        """Until the client sees exactly its user's rows, reconnecting as a browser does."""
+        if client.ended:  # the server may end a stream (a reset); a browser reconnects
+            await client.connect()
+        expected = await rows_of(self.db, client.user)
+
+        async def caught_up() -> bool:
+            if seen_by(client) == expected:
+                return True
+            if client.ended:
+                await client.connect()
+            return False
+
+        try:
+            await wait_until(caught_up)
+        except TimeoutError:
+            raise AssertionError(
+                f"client of user {self.users.index(client.user)} sees {seen_by(client)}, "
+                f"the database has {expected}"
+            ) from None
 
 
 async def scenario(url: str, ops: list[Op]) -> None:
@@ -145,76 +232,15 @@ async def scenario(url: str, ops: list[Op]) -> None:
     users = [uuid.uuid4() for _ in range(USERS)]
     clients = [Client(service, u) for u in users]
     files = [await insert_file(db, u, f"{n}.bin") for u in users for n in range(2)]
-    source = change_source(service)
-    killed: set[int] = set()
+    story = Story(service, db, other, admin, users, clients, files, change_source(service))
     try:
         for client in clients:
             await client.connect()
         for op in ops:
-            kind, args = op[0], op[1:]
-            if kind == "insert":
-                files.append(await insert_file(db, users[args[0]], f"f{len(files)}.bin"))
-            elif kind == "leave":
-                await clients[args[0]].disconnect()
-            elif kind == "come_back":
-                if clients[args[0]].ended:
-                    await clients[args[0]].connect()
-            elif kind == "resume":
-                await clients[args[0]].disconnect()
-                await clients[args[0]].connect()
-            elif kind == "kill_listener":
-                if source.pid is not None:
-                    killed.add(source.pid)
-                    await admin.execute("select pg_terminate_backend($1)", source.pid)
-            elif not files:
-                continue
-            elif kind == "update":
-                file_id, progress = files[args[0] % len(files)], args[1]
-                await db.execute("update files set progress = $2 where id = $1", file_id, progress)
-            elif kind == "delete":
-                await db.execute("delete from files where id = $1", files.pop(args[0] % len(files)))
-            elif kind == "transfer":
-                file_id, to = files[args[0] % len(files)], users[args[1]]
-                await db.execute("update files set user_id = $2 where id = $1", file_id, to)
-            elif kind == "crossed":
-                first, second = files[args[0] % len(files)], files[args[1] % len(files)]
-                if first == second:
-                    continue  # the second would wait for the first's row lock
-                if SOURCE == "wal":
-                    # A WAL source reconnects once the transactions open as it creates its
-                    # slot have ended: this one must not wait on it. Until the service
-                    # notices a kill, it is still ready on the connection that is gone.
-                    await wait_live(service, source, killed)
-                async with db.transaction():
-                    await db.execute("update files set progress = 1 where id = $1", first)
-                    owner, version = await other.fetchrow(
-                        "update files set progress = 2 where id = $1"
-                        " returning user_id, streamer_version",
-                        second,
-                    )
-                    client = clients[users.index(owner)]
-                    if args[2] and not client.ended:
-                        await client.has(str(second), version)
-                        await client.disconnect()
-            else:
-                raise AssertionError(kind)
-
+            await story.run(op)
         await asyncio.wait_for(service.app[keys.DISPATCHER].ready.wait(), 20)
         for client in clients:
-            if client.ended:  # the server may end a stream (a reset); a browser reconnects
-                await client.connect()
-            expected = await rows_of(db, client.user)
-            try:
-                async with asyncio.timeout(10):
-                    while seen_by(client) != expected:
-                        if client.ended:
-                            await client.connect()
-                        await asyncio.sleep(0.01)
-            except TimeoutError:
-                raise AssertionError(
-                    f"client of user {users.index(client.user)} sees {seen_by(client)}, "
-                    f"the database has {expected}"
-                ) from None
+            await story.converge(client)
     finally:
         for client in clients:
             await client.disconnect()

@@ -1,7 +1,8 @@
 """A database set up the way teams run production: writers that are not the table's owner,
 a table that evolves under a running service, bulk writes, TRUNCATE, and roles that can
 only connect trying to make a user see something (by NOTIFY, or by a logical message in the
-WAL, whichever the source under test reads)."""
+WAL, whichever the source under test reads): a forged payload neither leaks a row nor makes
+cursors unusable."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import asyncpg
 import pytest
 from psycopg import sql
 
-from streamer.changes import Payload
+from streamer.changes import MAX_HORIZON, Payload
 from streamer.sources.wal import WalSource
 from tests.client import Stream, open_stream
 from tests.conftest import (
@@ -29,8 +30,9 @@ from tests.conftest import (
     insert_file,
     send_raw,
     token_for,
+    wait_until,
 )
-from tests.scrape import eventually, scrape
+from tests.scrape import scrape
 
 EVENTS = "/api/files/events"
 NOBODY = "streamer_test_nobody"  # a role that may connect, and nothing else
@@ -245,8 +247,50 @@ async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
         async def all_rejected() -> bool:
             return await rejected() == before + len(forgeries)
 
-        await eventually(all_rejected)
+        await wait_until(all_rejected)
         await db.execute("update files set progress = 7 where id = $1", real)
         update = await stream.next()
         assert (update.file["filename"], update.file["progress"]) == ("real.pdf", 7)
         assert all("PHISHING" not in e.data for e in stream.events)
+
+
+@pytest.mark.usefixtures("nothing_logged_at_error")
+async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+) -> None:
+    theirs = await insert_file(db, other_user, "their-secret.pdf")
+
+    def change(op: str, file_id: uuid.UUID, owner: uuid.UUID, v: int, x: int, m: int) -> str:
+        return json.dumps(
+            {"f": "files", "o": op, "id": str(file_id), "u": str(owner), "v": v, "x": x, "m": m}
+        )
+
+    stranger = uuid.uuid4()
+    forged = [
+        "not json",
+        "[1, 2, 3]",
+        change("x", theirs, user, 1, 1, 1),
+        # A reference to someone else's row, addressed to this user: read back, not sent.
+        change("u", theirs, user, 1, 1, 1),
+        # Horizons no transaction has: cursors must stay ones this server accepts.
+        change("d", uuid.uuid4(), stranger, 1, 1, 10**30),
+        change("d", uuid.uuid4(), stranger, 1, 1, -5),
+        change("d", uuid.uuid4(), stranger, 10**30, 10**30, 2**62),
+        # The largest horizon a cursor can carry: resuming from it gets a reset, not a 400.
+        change("d", uuid.uuid4(), stranger, 1, 1, MAX_HORIZON),
+    ]
+    url = service.url(EVENTS)
+    async with open_stream(service.session, url, token_for(user)) as stream:
+        for payload in forged:
+            await send_raw(db, payload)
+        mine = await insert_file(db, user, "mine.pdf")
+        event = await stream.next()
+        assert event.file["id"] == str(mine)
+        raw = "".join(e.data for e in stream.events)
+        assert str(theirs) not in raw and "their-secret" not in raw
+        cursor = event.id
+    assert cursor is not None
+    async with open_stream(
+        service.session, url, token_for(user), headers={"Last-Event-ID": cursor}
+    ) as resumed:
+        assert resumed.events[-1].name == "synced"

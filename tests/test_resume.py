@@ -12,7 +12,7 @@ import pytest
 
 from streamer import keys
 from tests.client import Event, open_stream
-from tests.conftest import Service, insert_file, start_service, stop_service, token_for
+from tests.conftest import Service, insert_file, start_service, stop_service, token_for, wait_until
 
 EVENTS = "/api/files/events"
 
@@ -175,11 +175,15 @@ async def test_the_services_own_pruning_turns_an_old_cursor_into_a_reset(
     # A service that keeps tombstones for almost no time prunes them as it starts.
     service = await start_service(database_url, tombstone_retention_hours=1e-9)
     try:
-        async with asyncio.timeout(10):
-            while not await owner_db.fetchval(
-                "select pruned_below > 0 from streamer.horizon where feed = 'files'"
-            ):
-                await asyncio.sleep(0.01)
+
+        async def pruned() -> bool:
+            return bool(
+                await owner_db.fetchval(
+                    "select pruned_below > 0 from streamer.horizon where feed = 'files'"
+                )
+            )
+
+        await wait_until(pruned)
         async with resume(service, user, cursor) as stream:
             assert stream.events[0].name == "reset"
             assert str(doomed) not in "".join(e.data for e in stream.events)
@@ -220,6 +224,20 @@ async def test_a_cursor_from_the_future_gets_a_reset_not_an_error(service: Servi
         names = [e.name for e in stream.events]
     assert names == ["reset", "file-update", "synced"]
     assert stream.events[1].file["id"] == str(file_id)
+
+
+@pytest.mark.usefixtures("nothing_logged_at_error")
+async def test_a_cursor_from_the_far_future_gets_a_reset_and_a_full_snapshot(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    mine = await insert_file(db, user, "mine.pdf")
+    headers = {"Last-Event-ID": "9" * 19}
+    async with open_stream(
+        service.session, service.url(EVENTS), token_for(user), headers=headers
+    ) as stream:
+        names = [e.name for e in stream.events]
+        assert names == ["reset", "file-update", "synced"]
+        assert stream.events[1].file["id"] == str(mine)
 
 
 async def test_a_transaction_that_started_first_and_committed_last_is_not_missed_on_resume(

@@ -14,7 +14,7 @@ from streamer.metrics import Metrics
 from streamer.tasks import Supervisor
 from tests.client import open_stream
 from tests.conftest import Service, insert_file, kill_change_connection, token_for, wait_until
-from tests.scrape import eventually, scrape
+from tests.scrape import scrape
 
 EVENTS = "/api/files/events"
 
@@ -121,7 +121,7 @@ async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_ca
             await owner.close()
         await wait_until(lambda: bool(supervisor_lines(caplog)))
 
-        await eventually(ready)
+        await wait_until(ready)
         samples = await scrape(service.session, service.url("/metrics"))
         assert samples['streamer_task_failures_total{task="listener"}'] == 1
         assert samples["streamer_listener_up"] == 1

@@ -39,6 +39,7 @@ from tests.conftest import (
     start_service,
     stop_service,
     token_for,
+    wait_until,
 )
 
 ROOT = Path(__file__).parent.parent
@@ -175,16 +176,17 @@ async def previous_node(
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         try:
-            async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-                while True:
+            async with aiohttp.ClientSession() as session:
+
+                async def ready() -> bool:
                     assert node.returncode is None, "the previous release's node exited"
                     try:
-                        async with session.get(base + "/readyz") as ready:
-                            if ready.status == 200:
-                                break
+                        async with session.get(base + "/readyz") as answer:
+                            return answer.status == 200
                     except aiohttp.ClientConnectionError:
-                        pass
-                    await asyncio.sleep(0.1)
+                        return False
+
+                await wait_until(ready, 60)
             yield base, url
         finally:
             node.terminate()

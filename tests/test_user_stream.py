@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
+
 from tests.client import open_stream
 from tests.conftest import SOURCE, Service, insert_file, start_service, stop_service, token_for
 
 EVENTS = "/api/files/events"
+BIG = 9000  # an error_message this long does not fit a notification: the row is read back
 FILE_FIELDS = {
     "id", "filename", "file_type", "status", "progress", "processing_stage",
     "error_message", "created_at", "updated_at", "version",
@@ -98,6 +101,39 @@ async def test_a_one_megabyte_row_arrives_whole(service: Service, db, user):
         event = await stream.next()
         assert event.file["error_message"] == big
         assert event.file["status"] == "failed"
+
+
+async def test_a_row_too_big_to_travel_never_arrives_older_after_newer(
+    service: Service, db: asyncpg.Connection, user: uuid.UUID
+) -> None:
+    """A row too big for a notification is read back when its notification is dispatched,
+    by which time later changes may have committed. The row read then is newer than the
+    notifications still queued behind it: it must not go out ahead of them."""
+    file_id = await insert_file(db, user, "big.bin")
+    url = service.url("/api/files/events")
+    async with (
+        open_stream(service.session, url, token_for(user)) as stream,
+        open_stream(service.session, service.url(f"/api/files/{file_id}/events"),
+                    token_for(user), synced=False) as one_file,
+    ):  # fmt: skip
+        assert (await one_file.next()).file["status"] == "pending"
+        async with db.transaction():
+            big = "e" * BIG
+            await db.execute("update files set error_message = $2 where id = $1", file_id, big)
+            await db.execute(
+                "update files set error_message = null, status = 'ready' where id = $1", file_id
+            )
+            await db.execute("update files set status = 'processing' where id = $1", file_id)
+        await db.execute("update files set progress = 99 where id = $1", file_id)
+        final = await db.fetchval("select streamer_version from files where id = $1", file_id)
+        versions: list[int] = []
+        while not versions or versions[-1] != final:
+            versions.append((await stream.next()).file["version"])
+        assert versions == sorted(versions), versions
+        # The one-file stream ends on the status it saw become terminal, not after a newer one.
+        rest = await one_file.end()
+        assert [e.file["status"] for e in rest if e.name == "file-update"][-1] == "ready"
+        assert [e.file["version"] for e in rest] == sorted(e.file["version"] for e in rest)
 
 
 async def test_notification_payloads_stay_under_8000_bytes(db, user):

@@ -41,7 +41,6 @@ from tests.conftest import (
     token_for,
     wait_until,
 )
-from tests.scrape import eventually
 from tests.test_cli import serving, streamer
 
 EVENTS = "/api/files/events"
@@ -231,7 +230,7 @@ async def test_a_running_process_confirms_what_it_read_so_postgres_keeps_no_wal_
             )
             return bool(flushed >= written)
 
-        await eventually(confirmed)
+        await wait_until(confirmed)
     finally:
         await db.close()
 
@@ -275,7 +274,7 @@ async def test_no_slot_is_left_behind_when_a_serving_process_is_killed(wal_url: 
         async def slot_gone() -> bool:
             return slot not in await slots(db)
 
-        await eventually(slot_gone, timeout=20)
+        await wait_until(slot_gone, timeout=20)
     finally:
         await db.close()
 
@@ -291,7 +290,7 @@ async def test_a_service_stopped_cleanly_leaves_no_slot_either(wal_url: str):
         async def slot_gone() -> bool:
             return slot not in await slots(db)
 
-        await eventually(slot_gone)
+        await wait_until(slot_gone)
     finally:
         await db.close()
 
@@ -299,7 +298,7 @@ async def test_a_service_stopped_cleanly_leaves_no_slot_either(wal_url: str):
 async def test_a_commit_that_a_crash_takes_back_was_never_sent(tmp_path: Path, user: uuid.UUID):
     """With synchronous_commit off a crash loses the last commits. The WAL source reads only
     flushed WAL, so no stream was told of them and no cursor given out is past them: after
-    the restart streams go on with no reset (compare test_adversarial_faults with NOTIFY)."""
+    the restart streams go on with no reset (compare test_restarts with NOTIFY)."""
     server = EmbeddedPostgres(tmp_path / "pg", fast=True, options="-c wal_writer_delay=10s")
     await asyncio.to_thread(server.start)
     try:

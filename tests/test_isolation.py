@@ -1,11 +1,11 @@
-"""Isolation, property-based: whatever users do to their files and however their streams come
+"""Isolation between users: whatever users do to their files and however their streams come
 and go, every stream receives exactly its own user's events and nothing about anyone else's
-files, not even an id.
+files, not even an id; someone else's file answers exactly as a missing one does.
 
-Hypothesis draws a story: inserts, updates (some too big for a notification), deletes,
-ownership transfers, several changes in one transaction, and user streams (plain, with a
-snapshot, or resumed from the cursor of the user's last closed stream) and one-file streams
-opening and closing in between. Then, for every stream:
+Property-based: Hypothesis draws a story: inserts, updates (some too big for a
+notification), deletes, ownership transfers, several changes in one transaction, and user
+streams (plain, with a snapshot, or resumed from the cursor of the user's last closed
+stream) and one-file streams opening and closing in between. Then, for every stream:
 - its raw bytes hold no id and no filename of a file its user never owned, and no user id;
 - every file-update it carries is a version of the row its user owned at that version;
 - versions of a file never go back within a stream;
@@ -23,17 +23,14 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import aiohttp
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.client import open_stream
 from tests.conftest import (
     PostgresServer,
     Service,
@@ -43,9 +40,10 @@ from tests.conftest import (
     stop_service,
     token_for,
 )
+from tests.raw_http import item_url
+from tests.watcher import Watcher, describe, state
 
 USERS = 4
-TIMEOUT = 10.0
 BIG = 9000  # an error_message this long does not fit a notification: the row is read back
 TERMINAL = ("ready", "failed")
 
@@ -142,102 +140,6 @@ class Write:
     owner: int | None
     big: bool  # the row, too big to travel, is read back (perhaps in a later version)
     left: int | None  # the owner it left (a delete or a transfer)
-
-
-# -- a stream as its client sees it -------------------------------------------------------
-
-
-@dataclass
-class Watcher:
-    """One open stream: its raw bytes, its events, and the files its client knows of."""
-
-    user: int
-    target: uuid.UUID | None  # a one-file stream's file; None for the user stream
-    response: aiohttp.ClientResponse
-    opened_at: int  # the step it opened at: every later write of its user's is for it
-    known: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
-    raw: bytearray = field(default_factory=bytearray)
-    events: list[tuple[str, str | None, dict[str, Any]]] = field(default_factory=list)
-    ended: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    reader: asyncio.Task[None] | None = None
-
-    @property
-    def cursor(self) -> str | None:
-        ids = [cursor for _, cursor, _ in self.events if cursor is not None]
-        return ids[-1] if ids else None
-
-    def names(self) -> list[str]:
-        return [name for name, _, _ in self.events]
-
-    async def read(self) -> None:
-        buffer = b""
-        try:
-            async for chunk in self.response.content.iter_any():
-                self.raw += chunk
-                buffer += chunk
-                *messages, buffer = buffer.split(b"\n\n")
-                for message in messages:
-                    self._receive(message.decode())
-        except (aiohttp.ClientError, ConnectionError):
-            pass
-        finally:
-            self.ended = True
-            self.changed.set()
-
-    def _receive(self, message: str) -> None:
-        name, cursor, data = "message", None, ""
-        for line in message.split("\n"):
-            key, _, value = line.partition(": ")
-            if key == "event":
-                name = value
-            elif key == "id":
-                cursor = value
-            elif key == "data":
-                data = value
-        if not data:
-            return  # the retry: line
-        payload = json.loads(data)
-        self.events.append((name, cursor, payload))
-        if name == "reset":
-            self.known.clear()
-        elif name == "file-update":
-            file = payload["file"]
-            file_id = uuid.UUID(file["id"])
-            if file_id not in self.known or self.known[file_id]["version"] < file["version"]:
-                self.known[file_id] = file
-        elif name == "file-deleted":
-            self.known.pop(uuid.UUID(payload["file"]["id"]), None)
-        self.changed.set()
-
-    async def until(self, condition: Callable[[], bool], what: str) -> None:
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                while not condition():
-                    self.changed.clear()
-                    await self.changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"{what}; events: {self.names()}") from None
-
-    async def close(self) -> None:
-        if self.reader is not None:
-            self.reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.reader
-        self.response.close()
-
-
-def describe(watcher: Watcher) -> str:
-    def event(name: str, cursor: str | None, payload: dict[str, Any]) -> str:
-        file = payload.get("file", {})
-        return f"{name}({str(file.get('id', ''))[:8]} v{file.get('version', '')} id:{cursor})"
-
-    kind = f"file {watcher.target}" if watcher.target else "user"
-    return f"{kind} stream of user {watcher.user}: " + ", ".join(event(*e) for e in watcher.events)
-
-
-def state(file: dict[str, Any] | asyncpg.Record) -> tuple[Any, ...]:
-    return (file["filename"], file["status"], file["progress"], file["version"])
 
 
 # -- the world: the database, the service, and what happened ------------------------------
@@ -571,59 +473,20 @@ def test_three_hundred_longer_stories_keep_every_stream_to_its_own_users_events(
     tell(postgres, template, told)
 
 
-# -- what the stories found ----------------------------------------------------------------
-
-
-async def test_a_row_too_big_to_travel_never_arrives_older_after_newer(
-    service: Service, db: asyncpg.Connection, user: uuid.UUID
-) -> None:
-    """A row too big for a notification is read back when its notification is dispatched,
-    by which time later changes may have committed. The row read then is newer than the
-    notifications still queued behind it: it must not go out ahead of them."""
-    file_id = await insert_file(db, user, "big.bin")
-    url = service.url("/api/files/events")
-    async with (
-        open_stream(service.session, url, token_for(user)) as stream,
-        open_stream(service.session, service.url(f"/api/files/{file_id}/events"),
-                    token_for(user), synced=False) as one_file,
-    ):  # fmt: skip
-        assert (await one_file.next()).file["status"] == "pending"
-        async with db.transaction():
-            big = "e" * BIG
-            await db.execute("update files set error_message = $2 where id = $1", file_id, big)
-            await db.execute(
-                "update files set error_message = null, status = 'ready' where id = $1", file_id
-            )
-            await db.execute("update files set status = 'processing' where id = $1", file_id)
-        await db.execute("update files set progress = 99 where id = $1", file_id)
-        final = await db.fetchval("select streamer_version from files where id = $1", file_id)
-        versions: list[int] = []
-        while not versions or versions[-1] != final:
-            versions.append((await stream.next()).file["version"])
-        assert versions == sorted(versions), versions
-        # The one-file stream ends on the status it saw become terminal, not after a newer one.
-        rest = await one_file.end()
-        assert [e.file["status"] for e in rest if e.name == "file-update"][-1] == "ready"
-        assert [e.file["version"] for e in rest] == sorted(e.file["version"] for e in rest)
-
-
-async def test_a_row_whose_text_looks_like_sse_frames_cannot_forge_an_event(
+@pytest.mark.usefixtures("nothing_logged_at_error")
+async def test_someone_elses_file_and_a_missing_file_are_indistinguishable(
     service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
 ) -> None:
-    theirs = await insert_file(db, other_user, "theirs.pdf")
-    forgery = f'x\n\nevent: file-deleted\nid: 1\ndata: {{"file": {{"id": "{theirs}"}}}}\n\n'
-    texts = {
-        "filename": forgery,
-        "processing_stage": "a\rb\r\nc\u2028d\u2029e\x85f",
-        "error_message": "data: retry: 1\n\nid: 0\n: comment\nevent: reset\n" + "é😀" * 100,
-    }
-    async with open_stream(service.session, service.url("/api/files/events"), token_for(user)) as s:
-        file_id = await insert_file(db, user, **texts)
-        event = await s.next()
-        marker = await insert_file(db, user, "marker.pdf")
-        assert (await s.next()).file["id"] == str(marker)
-        assert [e.name for e in s.events] == ["synced", "file-update", "file-update"]
-        assert event.file["id"] == str(file_id)
-        # Each data: line is JSON, where a raw CR or LF could not be: the text came through
-        # whole, escaped, and framed nothing.
-        assert {name: event.file[name] for name in texts} == texts
+    theirs = await insert_file(db, other_user, "their-secret.pdf")
+    headers = {"Authorization": f"Bearer {token_for(user)}"}
+    answers = []
+    for file_id in (theirs, uuid.uuid4()):
+        async with service.session.get(
+            item_url(service, str(file_id)), headers=headers
+        ) as response:
+            answers.append((response.status, dict(response.headers).get("Content-Type"),
+                            await response.read()))  # fmt: skip
+    assert answers[0] == answers[1]
+    status, _, body = answers[0]
+    assert status == 404 and json.loads(body)["code"] == "NOT_FOUND"
+    assert str(theirs).encode() not in body and b"their-secret" not in body

@@ -88,6 +88,7 @@ class Reader:
         self.leading = asyncio.Event()
         self._horizon = 0
         self._prefix = ""
+        self._key = b""
         self._queue: deque[tuple[str, bytes]] = deque()
         self._wake = asyncio.Event()
         self._unreadable: str | None = None
@@ -127,7 +128,8 @@ class Reader:
         watching: asyncio.Future[None] | None = None
         try:
             await client.ping()
-            self._prefix = fleet_prefix(await self.signing_key())
+            self._key = await self.signing_key()
+            self._prefix = fleet_prefix(self._key)
             self._queue.clear()
             await source.connect(self._forward)
             publishing = asyncio.ensure_future(self._publish(client))
@@ -177,7 +179,7 @@ class Reader:
             self._wake.set()
 
     def _send(self, channel: str, kind: str, text: str = "") -> None:
-        self._queue.append((channel, message(self.epoch, kind, text)))
+        self._queue.append((channel, message(self._key, self.epoch, kind, text)))
         self._wake.set()
 
     async def _publish(self, client: redis.Redis) -> None:

@@ -9,10 +9,11 @@ fleets can share one Redis):
     <prefix>:all                what every node needs: TRUNCATEs, hints, markers, ticks
 
 One pub/sub connection carries them all, so they are read in the order the reader
-published them. Every message is `<epoch> <kind>\\n<text>`: the epoch of the reader that
-sent it (a transaction id, taken when it was elected: a later reader's is larger). A
-message of an earlier epoch is a stale reader's and is dropped; a later epoch means a new
-reader, which may not have published what the last one read: a gap. A gap of any kind (a
+published them. Every message is `<mac> <epoch> <kind>\\n<text>` (the mac: see `message`),
+with the epoch of the reader that sent it (a transaction id, taken when it was elected: a
+later reader's is larger). A message of an earlier epoch is a stale reader's and is
+dropped; a later epoch means a new reader, which may not have published what the last one
+read: a gap. A gap of any kind (a
 new reader, the broker lost, no tick from any reader, the broker cutting this slow
 consumer) ends the session, and the dispatcher catches every stream up from its cursor,
 as after a lost LISTEN.
@@ -23,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as redis
 
-from streamer.changes import Hint, Marker, Payload, Progress, Signed, Unreadable
+from streamer.changes import Forged, Hint, Marker, Payload, Progress, Signed, Unreadable
 from streamer.errors import CONNECTION_ERRORS
 from streamer.metrics import Metrics
 from streamer.tasks import stopped
@@ -52,13 +54,24 @@ def all_channel(prefix: str) -> str:
     return f"{prefix}:all"
 
 
-def message(epoch: int, kind: str, text: str = "") -> bytes:
-    return f"{epoch} {kind}\n{text}".encode()
+def _mac(key: bytes, body: bytes) -> bytes:
+    return hmac.new(key, b"broker:" + body, hashlib.sha256).hexdigest()[:32].encode()
 
 
-def read_message(data: bytes) -> tuple[int, str, str]:
-    """(epoch, kind, text); ValueError for what no reader of ours sends."""
-    head, _, text = data.decode().partition("\n")
+def message(key: bytes, epoch: int, kind: str, text: str = "") -> bytes:
+    """A message of the reader's: authenticated with the database's signing key, which
+    only the fleet's processes hold, so that another client of the broker can neither
+    forge one nor fake an epoch."""
+    body = f"{epoch} {kind}\n{text}".encode()
+    return _mac(key, body) + b" " + body
+
+
+def read_message(key: bytes, data: bytes) -> tuple[int, str, str]:
+    """(epoch, kind, text); ValueError for what no reader of this fleet sent."""
+    mac, _, body = data.partition(b" ")
+    if not hmac.compare_digest(mac, _mac(key, body)):
+        raise ValueError("not signed by a reader of this fleet")
+    head, _, text = body.decode().partition("\n")
     epoch, kind = head.split(" ")
     return int(epoch), kind, text
 
@@ -165,9 +178,9 @@ class BrokerSource:
 
     def _message(self, data: bytes) -> None:
         try:
-            epoch, kind, text = read_message(data)
+            epoch, kind, text = read_message(self.signed.key, data)
         except ValueError:
-            self._receive(Unreadable("a broker message this release cannot read"))
+            self._receive(Forged())  # counted and dropped: the broker is not the arbiter
             return
         if epoch < self.epoch:
             self.metrics.broker_stale.inc()  # a reader that lost its election: not believed

@@ -58,6 +58,7 @@ from bench.load import STREAM_PATH, TOKEN_TTL, Context, Receivers, Writer, plan
 from bench.profile import recording
 from bench.stats import Arrivals, Commits, deliveries
 from streamer.auth import mint_token
+from streamer.sse import Parser
 
 MB = 2**20
 POOL_SIZE = 4  # the service's default STREAMER_POOL_SIZE
@@ -70,11 +71,7 @@ LISTENER = (
 )
 # The first id in a file-update's data is the row's: Postgres (jsonb) and pydantic alike
 # put `id` first.
-UPDATE_ID = re.compile(rb'(?m)^event: file-update\n(?:id: [^\n]*\n)?data: [^\n]*?"id": ?"([^"]+)"')
-EVENT = re.compile(rb"(?m)^event: ([a-z-]+)$")
-LAST_ID = re.compile(rb"(?m)^id: ([^\n]*)$")
-RETRY = re.compile(rb"(?m)^retry: (\d+)$")
-SYNCED = re.compile(rb"(?m)^event: synced$")
+ROW_ID = re.compile(r'"id": ?"([^"]+)"')
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class Tally:
     done_ns: int | None = None  # every expected row in
     updates: int = 0  # file-update events
     updates_at_synced: int | None = None
-    ids: set[bytes] = field(default_factory=set)  # rows seen in a file-update
+    ids: set[str] = field(default_factory=set)  # rows seen in a file-update
     events: Counter[str] = field(default_factory=Counter)
     reconnects: int = 0
     ended: str = ""  # why the tab stopped reading
@@ -112,20 +109,23 @@ class Tally:
     retry_ms: int = 2000
     received: int = 0  # bytes
 
-    def take(self, text: bytes, expect: int | None) -> None:
-        """Complete events (each ending with a blank line), in order."""
+    def take(self, parser: Parser, chunk: bytes, expect: int | None) -> None:
+        """The events `chunk` completes, in order; the stream's last id and retry."""
+        events = parser.feed(chunk)
         t = now_ns()
-        if self.synced_ns is None and (found := SYNCED.search(text)):
-            before = text[: found.start()]
-            self.updates_at_synced = self.updates + before.count(b"event: file-update\n")
-            self.synced_ns = t
-        self.updates += text.count(b"event: file-update\n")
-        self.ids.update(UPDATE_ID.findall(text))
-        self.events.update(name.decode() for name in EVENT.findall(text))
-        if ids := LAST_ID.findall(text):
-            self.last_id = ids[-1].decode()
-        if retry := RETRY.findall(text):
-            self.retry_ms = int(retry[-1])
+        for event in events:
+            self.events[event.name] += 1
+            if event.name == "file-update":
+                self.updates += 1
+                if found := ROW_ID.search(event.data):
+                    self.ids.add(found.group(1))
+            elif event.name == "synced" and self.synced_ns is None:
+                self.updates_at_synced = self.updates
+                self.synced_ns = t
+        if parser.last_id is not None:
+            self.last_id = parser.last_id
+        if parser.retry is not None:
+            self.retry_ms = parser.retry
         if expect is not None and self.done_ns is None and len(self.ids) >= expect:
             self.done_ns = t
 
@@ -208,8 +208,9 @@ class BigTab:
                         params={"snapshot": "1"},
                         headers={"Authorization": f"Bearer {args['token']}"},
                     ) as response:
-                        async for line in response.content:
-                            if line.startswith(b"event: synced"):
+                        parser = Parser()
+                        async for chunk in response.content.iter_any():
+                            if any(e.name == "synced" for e in parser.feed(chunk)):
                                 return {"seconds": (now_ns() - t0) / 1e9}
             except TimeoutError:
                 pass
@@ -256,19 +257,13 @@ class BigTab:
 
     async def _consume(self, response: aiohttp.ClientResponse, expect: int | None) -> str:
         """Read until `synced` (no `expect`) or until `expect` rows arrived; or the end."""
-        tally, pending = self.tally, b""
+        tally, parser = self.tally, Parser()
         while True:
             chunk = await response.content.readany()
             if not chunk:
                 return "server ended the stream"
             tally.received += len(chunk)
-            text = pending + chunk
-            end = text.rfind(b"\n\n")
-            if end < 0:
-                pending = text
-                continue
-            pending = text[end + 2 :]
-            tally.take(text[: end + 2], expect)
+            tally.take(parser, chunk, expect)
             if tally.synced_ns is not None:
                 self.synced.set()
                 if expect is None:

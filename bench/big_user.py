@@ -44,17 +44,9 @@ import aiohttp
 import psycopg
 
 from bench.agent import Remote, Reply, now_ns, serve
-from bench.harness import (
-    DATABASE,
-    SECRET,
-    Postgres,
-    ServerProcess,
-    busy_seconds,
-    start_service,
-    tracking_rss,
-    tree_cpu,
-)
+from bench.harness import DATABASE, SECRET, Postgres, ServerProcess, start_service
 from bench.load import STREAM_PATH, TOKEN_TTL, Context, Receivers, Writer, plan
+from bench.procfs import machine_share, tracking_rss
 from bench.profile import recording
 from bench.stats import Arrivals, Commits, deliveries
 from streamer.auth import mint_token
@@ -397,18 +389,6 @@ def log_lines(server: ServerProcess) -> list[str]:
     words = ("stream cut", "recovered", "WARNING", "ERROR")
     lines = server.log_tail(200_000).splitlines()
     return [line[-200:] for line in lines if any(w in line for w in words)][-12:]
-
-
-@contextlib.contextmanager
-def machine_share(roots: list[int]) -> Iterator[dict[str, float]]:
-    """How busy the machine was meanwhile, and how much of it was not this run."""
-    share: dict[str, float] = {}
-    t0, busy0, ours0 = time.monotonic(), busy_seconds(), tree_cpu(roots)
-    yield share
-    wall, cores = time.monotonic() - t0, os.cpu_count() or 1
-    busy, ours = busy_seconds() - busy0, tree_cpu(roots) - ours0
-    share["busy_pct"] = round(100 * busy / (wall * cores), 1)
-    share["others_pct"] = round(100 * max(0.0, busy - ours) / (wall * cores), 1)
 
 
 def variant(

@@ -17,14 +17,13 @@ import numpy as np
 
 from bench.harness import (
     ServerProcess,
-    busy_seconds,
     sampling,
     start_naive,
     start_relay,
     start_service,
-    tree_cpu,
 )
 from bench.load import Context, Receivers, expected_events, plan
+from bench.procfs import busy_seconds, tree_cpu
 from bench.stats import added, deliveries
 
 APPLICATION = {

@@ -27,8 +27,9 @@ from aiohttp import web
 
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
-from bench.harness import SECRET, Postgres, cleanup, rss_bytes
+from bench.harness import SECRET, Postgres, cleanup
 from bench.load import Population, Receivers, plan
+from bench.procfs import rss_bytes
 from bench.writer_cost import (
     ENABLE_FILES,
     SCRIPT,

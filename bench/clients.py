@@ -1,7 +1,8 @@
 """The receiving side of the load: SSE streams over raw asyncio sockets, and the floor.
 
-One client process holds thousands of streams: each is an `asyncio.Protocol` that parses
-HTTP/1.1 chunked framing and SSE by hand, and records for every benchmark event the
+One client process holds thousands of streams: each is an `asyncio.Protocol` that decodes
+HTTP/1.1 chunked framing itself, reads the SSE in it with `streamer.sse.Parser` (as the
+tests do, and as EventSource would), and records for every benchmark event the
 (stream, commit key, arrival time) triple. The commit key is in the row's
 `processing_stage` as `bench:<writer>:<seq>;` (see bench/writers.py).
 
@@ -26,8 +27,9 @@ import asyncpg
 import numpy as np
 
 from bench.agent import Reply, now_ns, serve
+from streamer.sse import Parser
 
-MARK = b"bench:"
+MARK = "bench:"
 CHANNEL = "streamer"
 OPEN_TIMEOUT = 60.0
 # What Chrome sends with an EventSource request (same origin, no cookie): the service
@@ -51,10 +53,10 @@ BROWSER_HEADERS = (
 _CODE = re.compile(rb'"code":\s*"([A-Z_]+)"')
 
 
-def commit_key(text: bytes, start: int) -> int:
+def commit_key(text: str, start: int) -> int:
     """The key of `bench:<writer>:<seq>;` found at `start`: writer << 32 | seq."""
-    end = text.find(b";", start)
-    writer, _, seq = text[start + len(MARK) : end].partition(b":")
+    end = text.find(";", start)
+    writer, _, seq = text[start + len(MARK) : end].partition(":")
     return int(writer) << 32 | int(seq)
 
 
@@ -103,7 +105,7 @@ class SseStream(asyncio.Protocol):
         self.raw = b""  # chunked body not yet decoded
         self.chunk_left = 0
         self.need_crlf = False
-        self.text = b""  # SSE text not yet split into events
+        self.parser = Parser()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -164,25 +166,25 @@ class SseStream(asyncio.Protocol):
             self._events(b"".join(out))
 
     def _events(self, text: bytes) -> None:
-        blocks = (self.text + text).split(b"\n\n")
-        self.text = blocks.pop()
+        events = self.parser.feed(text)
         t = now_ns()
         client = self.client
-        for block in blocks:
-            if block.startswith(b"event: file-update"):
+        for event in events:
+            name = event.name
+            if name == "file-update":
                 if self.live:
-                    start = block.find(MARK)
+                    start = event.data.find(MARK)
                     if start >= 0:
-                        client.recorder.add(self.index, commit_key(block, start), t)
+                        client.recorder.add(self.index, commit_key(event.data, start), t)
                     else:
                         client.other += 1
-            elif block.startswith(b"event: heartbeat"):
+            elif name == "heartbeat":
                 client.heartbeats += 1
-            elif block.startswith(b"event: synced"):
+            elif name == "synced":
                 self.live = True
                 if not self.ready.done():
                     self.ready.set_result(None)
-            elif block.startswith(b"event:"):
+            elif name != "message":  # data with no `event:` line is nothing of ours
                 client.other += 1
 
     def close(self) -> None:
@@ -296,10 +298,9 @@ class Floor:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         t = now_ns()
-        data = payload.encode()
-        start = data.find(MARK)
+        start = payload.find(MARK)
         if start >= 0:
-            self.recorder.add(0, commit_key(data, start), t)
+            self.recorder.add(0, commit_key(payload, start), t)
 
     async def handle(self, command: str, args: dict[str, Any]) -> Reply:
         if command == "open":

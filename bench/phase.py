@@ -17,15 +17,14 @@ import numpy as np
 
 from bench.harness import (
     ServerProcess,
-    busy_seconds,
     sampling,
     start_naive,
     start_relay,
     start_service,
-    tree_cpu,
 )
 from bench.load import Context, Receivers, expected_events, plan
-from bench.stats import added, deliveries
+from bench.procfs import busy_seconds, tree_cpu
+from bench.stats import Commits, Delivery, added, deliveries
 
 APPLICATION = {
     "service": "bench-service",
@@ -94,24 +93,15 @@ def measure(
 
     With a `companion` floor listening at the same time, also what the design adds over
     it for the same notifications, event by event."""
-    cpu0 = server.cpu() if server is not None else 0.0
-    others = {"clients": receivers.pids(), "writer": [ctx.writer.pid]}
-    others_cpu0 = {name: tree_cpu(pids) for name, pids in others.items()}
-    postgres_cpu0 = tree_cpu([ctx.pg.postmaster_pid()])
-    ours = [os.getpid(), ctx.pg.postmaster_pid()]
-    ours0, busy0 = tree_cpu(ours), busy_seconds()
-    wall0 = time.monotonic()
-    with sampling(ctx.pg, server, APPLICATION[design]) as peak:
+    with (
+        cpu_shares(ctx, server, receivers) as cpu,
+        sampling(ctx.pg, server, APPLICATION[design]) as peak,
+    ):
         commits = ctx.writer.run(rate, seconds, rows, users)
         expected = expected_events(commits, receivers, users)
         receivers.drain(expected, timeout=DRAIN_TIMEOUT)
-    wall = time.monotonic() - wall0
     if server is not None and server.process.poll() is not None:
         raise RuntimeError(f"the {design} server died during the phase:\n{server.log_tail()}")
-    cpu = server.cpu() - cpu0 if server is not None else None
-    postgres_cpu = tree_cpu([ctx.pg.postmaster_pid()]) - postgres_cpu0
-    others_cpu = max(0.0, (busy_seconds() - busy0) - (tree_cpu(ours) - ours0))
-    load_cpu = {name: tree_cpu(pids) - others_cpu0[name] for name, pids in others.items()}
     arrivals = receivers.collect()
     tabs = receivers.tabs(users)
     delivery = deliveries(commits, arrivals, receivers.stream_user, tabs, warmup)
@@ -130,6 +120,45 @@ def measure(
         "live_streams": len(receivers.live),
         "refused": dict(receivers.errors),
         "dropped_streams": stats.get("dropped", 0),
+        **figures(commits, delivery, rows, seconds),
+        **cpu,
+        "server_rss_mb": round(peak.rss / 2**20, 1) if server is not None else None,
+        "pg_connections": peak.connections,
+    }
+
+
+@contextlib.contextmanager
+def cpu_shares(
+    ctx: Context, server: ServerProcess | None, receivers: Receivers
+) -> Iterator[dict[str, float | None]]:
+    """Percent of one core used meanwhile by the server, the clients, the writer and
+    Postgres, and by processes not of this run (`others`)."""
+    shares: dict[str, float | None] = {}
+    cpu0 = server.cpu() if server is not None else 0.0
+    load = {"clients": receivers.pids(), "writer": [ctx.writer.pid]}
+    load_cpu0 = {name: tree_cpu(pids) for name, pids in load.items()}
+    postgres_cpu0 = tree_cpu([ctx.pg.postmaster_pid()])
+    ours = [os.getpid(), ctx.pg.postmaster_pid()]
+    ours0, busy0 = tree_cpu(ours), busy_seconds()
+    wall0 = time.monotonic()
+    yield shares
+    wall = time.monotonic() - wall0
+    cpu = server.cpu() - cpu0 if server is not None and server.process.poll() is None else None
+    postgres_cpu = tree_cpu([ctx.pg.postmaster_pid()]) - postgres_cpu0
+    others_cpu = max(0.0, (busy_seconds() - busy0) - (tree_cpu(ours) - ours0))
+    load_cpu = {name: tree_cpu(pids) - load_cpu0[name] for name, pids in load.items()}
+    shares.update({
+        "server_cpu_pct": None if cpu is None else round(100 * cpu / wall, 1),
+        "clients_cpu_pct": round(100 * load_cpu["clients"] / wall, 1),
+        "writer_cpu_pct": round(100 * load_cpu["writer"] / wall, 1),
+        "postgres_cpu_pct": round(100 * postgres_cpu / wall, 1),
+        "others_cpu_pct": round(100 * others_cpu / wall, 1),  # other people's processes
+    })  # fmt: skip
+
+
+def figures(commits: Commits, delivery: Delivery, rows: int, seconds: float) -> dict[str, Any]:
+    """What the commits were and what became of them: rates, loss, latency."""
+    return {
         "commits": commits.count,
         "commit_rate": round(commits.rate(), 1),
         "rows_per_commit": int(commits.users.shape[1]) if commits.count else rows,
@@ -148,11 +177,4 @@ def measure(
         "ack_p50_ms": round(delivery.percentile(50, ack=True), 3),
         "ack_p99_ms": round(delivery.percentile(99, ack=True), 3),
         "cdf_ms": delivery.cdf(),
-        "server_cpu_pct": None if cpu is None else round(100 * cpu / wall, 1),
-        "clients_cpu_pct": round(100 * load_cpu["clients"] / wall, 1),
-        "writer_cpu_pct": round(100 * load_cpu["writer"] / wall, 1),
-        "postgres_cpu_pct": round(100 * postgres_cpu / wall, 1),
-        "others_cpu_pct": round(100 * others_cpu / wall, 1),  # other people's processes
-        "server_rss_mb": round(peak.rss / 2**20, 1) if server is not None else None,
-        "pg_connections": peak.connections,
     }

@@ -24,19 +24,9 @@ from typing import Any
 from bench import big_user, capacity, fanout, latency, report, sources, writer_cost
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
-from bench.harness import (
-    REPO,
-    Interrupted,
-    Postgres,
-    busy_seconds,
-    cleanup,
-    install_signal_handlers,
-    loadavg,
-    machine,
-    machine_busy,
-    tree_cpu,
-)
+from bench.harness import REPO, Interrupted, Postgres, cleanup, install_signal_handlers
 from bench.load import Context, Population, Writer
+from bench.procfs import loadavg, machine, machine_busy, machine_share
 
 RESULTS = Path(__file__).parent / "results"
 SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -123,14 +113,10 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    install_signal_handlers()
-    nofile = raise_nofile()
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+def metadata(args: argparse.Namespace, nofile: int) -> dict[str, Any]:
+    """What was measured, where, and how busy the machine was before the start."""
     busy_before = machine_busy(2.0)
-    meta: dict[str, Any] = {
+    return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "commit": git_commit(args.service_code),
@@ -141,8 +127,42 @@ def main(argv: list[str] | None = None) -> int:
         "nofile": nofile,
         "load_before": {"loadavg": loadavg(), "busy_pct": round(100 * busy_before, 1)},
     }
+
+
+def scenario(name: str, ctx: Context) -> dict[str, Any]:
+    """One scenario's results, with its time and how busy the machine was meanwhile."""
+    log(f"{name} ...")
+    t0 = time.monotonic()
+    with machine_share([os.getpid(), ctx.pg.postmaster_pid()]) as share:
+        result = SCENARIOS[name](ctx)
+    result["seconds_taken"] = round(time.monotonic() - t0, 1)
+    result["machine"] = {**share, "loadavg": loadavg()[0]}
     log(
-        f"machine busy {100 * busy_before:.0f}% before start (load average "
+        f"{name} done in {result['seconds_taken']:.0f} s; machine {share['busy_pct']:.0f}% "
+        f"busy, {share['others_pct']:.0f}% by other processes"
+    )
+    return result
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    text = json.dumps(results, indent=1)
+    # Lists of numbers (the CDFs) on one line each.
+    text = re.sub(
+        r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text
+    )
+    (out / "results.json").write_text(text + "\n")
+    report.write(results, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    nofile = raise_nofile()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    meta = metadata(args, nofile)
+    log(
+        f"machine busy {meta['load_before']['busy_pct']:.0f}% before start (load average "
         f"{meta['load_before']['loadavg'][0]:.2f}); scenarios: {', '.join(args.scenarios)}"
     )
     results: dict[str, Any] = {"meta": meta}
@@ -164,26 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             args.service_code,
         )
         for name in args.scenarios:
-            log(f"{name} ...")
-            roots = [os.getpid(), pg.postmaster_pid()]
-            t0, busy0, ours0 = time.monotonic(), busy_seconds(), tree_cpu(roots)
-            results[name] = SCENARIOS[name](ctx)
-            wall, busy, ours = (
-                time.monotonic() - t0,
-                busy_seconds() - busy0,
-                tree_cpu(roots) - ours0,
-            )
-            cores = os.cpu_count() or 1
-            results[name]["seconds_taken"] = round(wall, 1)
-            results[name]["machine"] = {
-                "busy_pct": round(100 * busy / (wall * cores), 1),
-                "others_pct": round(100 * max(0.0, busy - ours) / (wall * cores), 1),
-                "loadavg": loadavg()[0],
-            }
-            log(
-                f"{name} done in {wall:.0f} s; machine {results[name]['machine']['busy_pct']:.0f}% "
-                f"busy, {results[name]['machine']['others_pct']:.0f}% by other processes"
-            )
+            results[name] = scenario(name, ctx)
     except (KeyboardInterrupt, Interrupted):
         log("interrupted: cleaning up")
         return 130
@@ -192,13 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(records, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
     meta["load_after"] = {"loadavg": loadavg()}
-    text = json.dumps(results, indent=1)
-    # Lists of numbers (the CDFs) on one line each.
-    text = re.sub(
-        r"\[\s+([-\d.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text
-    )
-    (args.out / "results.json").write_text(text + "\n")
-    report.write(results, args.out)
+    write(results, args.out)
     log(f"wrote {args.out}/results.md in {meta['seconds']:.0f} s total")
     return 0
 

@@ -81,37 +81,3 @@ def run(ctx: Context) -> dict[str, Any]:
                     steps.append(step)
         out[name] = {"latency": latency, "fanout": {"steps": steps, "best": fanout.best(steps)}}
     return out
-
-
-def section(results: dict[str, Any], table: Any, ms: Any, n: Any) -> list[str]:
-    """The results.md section (report.py's table and number formats passed in)."""
-    lines = [
-        "## The change sources side by side",
-        "",
-        f"The service with STREAMER_SOURCE=notify, then wal, on the same database: latency "
-        f"with {results['notify']['latency']['live_streams']:,} streams (one per user) at "
-        f"{n(results['rate'])} commits/s, and fan-out to 10 tabs per user, offered rates "
-        "stepping up to flat out. Postgres CPU includes the walsender of the WAL source.",
-        "",
-    ]
-    rows = []
-    for name in SOURCES:
-        lat = results[name]["latency"]
-        rows.append([
-            name, "latency", f"{ms(lat['p50_ms'])} / {ms(lat['p99_ms'])}", str(lat["lost"]),
-            n(lat["delivered_per_s"]), f"{lat['postgres_cpu_pct']:.0f}%",
-            f"{lat['server_cpu_pct']:.0f}%",
-        ])  # fmt: skip
-        for step in results[name]["fanout"]["steps"]:
-            offered = step["offered_rows_per_s"]
-            rows.append([
-                name, f"fan-out, {'flat out' if offered is None else n(offered) + ' rows/s'}",
-                f"{ms(step['p50_ms'])} / {ms(step['p99_ms'])}", str(step["lost"]),
-                n(step["delivered_per_s"]), f"{step['postgres_cpu_pct']:.0f}%",
-                f"{step['server_cpu_pct']:.0f}%",
-            ])  # fmt: skip
-    lines += table(
-        ["source", "phase", "p50 / p99 ms", "lost", "events/s", "Postgres CPU", "service CPU"],
-        rows,
-    )
-    return [*lines, ""]

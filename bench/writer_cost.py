@@ -36,8 +36,9 @@ from typing import Any, cast
 
 import asyncpg
 
-from bench.harness import DATABASE, Postgres, cpu_seconds
+from bench.harness import DATABASE, Postgres
 from bench.load import Context, Receivers
+from bench.procfs import cpu_seconds
 from streamer.sources.wal import WalSource
 
 ROWS = 1000

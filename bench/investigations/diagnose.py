@@ -1,11 +1,11 @@
 """Diagnostics behind two of the benchmark's figures; not part of `make bench`.
 
-python -m bench.diagnose memory [--streams 2000] [--plain]
+python -m bench.investigations.diagnose memory [--streams 2000] [--plain]
     Where a stream's memory goes: the service's app runs in this process under
     tracemalloc while client processes open streams; prints the Python heap added per
     stream, by file and by line.
 
-python -m bench.diagnose triggers [--seconds 4] [--rounds 4]
+python -m bench.investigations.diagnose triggers [--seconds 4] [--rounds 4]
     What each part of the feed's triggers costs a writer: pgbench against variants of
     the AFTER trigger, in alternating rounds, each variant's median TPS against the bare
     one-line pg_notify.
@@ -27,8 +27,9 @@ from aiohttp import web
 
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
-from bench.harness import SECRET, Postgres, cleanup, rss_bytes
+from bench.harness import SECRET, Postgres, cleanup
 from bench.load import Population, Receivers, plan
+from bench.procfs import rss_bytes
 from bench.writer_cost import (
     ENABLE_FILES,
     SCRIPT,
@@ -228,7 +229,7 @@ def triggers(seconds: float, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.diagnose",
+        prog="python -m bench.investigations.diagnose",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

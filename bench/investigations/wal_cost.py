@@ -1,6 +1,6 @@
 """Where a writer's cost goes with STREAMER_SOURCE=wal; not part of `make bench`.
 
-    python -m bench.wal_cost [--seconds 5] [--rounds 5] [--parts]
+    python -m bench.investigations.wal_cost [--seconds 5] [--rounds 5] [--parts]
 
 pgbench as in writer_cost (4 clients, single-row UPDATEs, fsync on) against variants, in
 alternating rounds, each one's median TPS against no trigger at all: the message alone,
@@ -213,7 +213,9 @@ def run(seconds: int, rounds: int, parts: bool = False) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.wal_cost", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.investigations.wal_cost", description=__doc__
+    )
     parser.add_argument("--seconds", type=int, default=5, help="one pgbench run (5)")
     parser.add_argument("--rounds", type=int, default=5, help="runs of each variant (5)")
     parser.add_argument("--parts", action="store_true", help="the AFTER function's parts")

@@ -61,6 +61,16 @@ class Metrics:
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
         )
+        self._fleet(r)
+        self.task_failures = Counter(
+            "streamer_task_failures",
+            "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",
+            ["task"],
+            registry=r,
+        )
+
+    def _fleet(self, r: CollectorRegistry) -> None:
+        """With STREAMER_BROKER_URL: the fleet's reader and its broker."""
         self.reader = Gauge(
             "streamer_fleet_reader",
             "1 while this process reads the database for its fleet (STREAMER_BROKER_URL)",
@@ -73,12 +83,6 @@ class Metrics:
         self.broker_stale = Counter(
             "streamer_broker_stale",
             "Broker messages dropped: from a reader that lost its election",
-            registry=r,
-        )
-        self.task_failures = Counter(
-            "streamer_task_failures",
-            "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",
-            ["task"],
             registry=r,
         )
 

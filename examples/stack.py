@@ -1,18 +1,23 @@
 """The production shape on one machine: nginx (HTTP/2 over TLS) in front of two streamer
-nodes and the SvelteKit app, each a process of its own.
+nodes and the SvelteKit app, each a process of its own; the two nodes are one fleet through
+a Redis of the stack's own (STREAMER_BROKER_URL): one of them reads the database's changes,
+both receive them through Redis.
 
-`make example` runs `main()`: a database (the embedded Postgres, or DATABASE_URL), two
-nodes, the app, nginx and the simulated file processor for a demo user, until Ctrl-C or
-SIGTERM. tests/test_production_shape.py starts the same `Stack` on free ports.
+`make example` runs `main()`: a database (the embedded Postgres, or DATABASE_URL), the
+broker, two nodes, the app, nginx and the simulated file processor for a demo user, until
+Ctrl-C or SIGTERM. tests/test_production_shape.py starts the same `Stack` on free ports.
 
 nginx runs deploy/nginx.conf itself, included from a small main file that keeps its pid,
-logs and temporary files in the stack's own directory (never the system service's).
+logs and temporary files in the stack's own directory (never the system service's). Redis
+(Debian's redis-server, never the system service) persists nothing and keeps its files in
+that directory too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +40,7 @@ SITE = ROOT / "deploy" / "nginx.conf"
 APP = ROOT / "examples" / "sveltekit"
 APP_SERVER = APP / "build" / "index.js"
 NGINX = Path("/usr/sbin/nginx")
+REDIS = Path("/usr/bin/redis-server")
 START_SECONDS = 60.0  # a cold Python start and the LISTEN connection, on a busy CI box
 STOP_SECONDS = 10.0
 
@@ -70,30 +76,44 @@ class StackError(Exception):
 
 @dataclass(frozen=True)
 class Ports:
-    """Where each part listens: deploy/nginx.conf's own ports by default."""
+    """Where each part listens: deploy/nginx.conf's own ports by default, and the broker's
+    (not Redis's default 6379, which a Redis of the machine's may hold)."""
 
     https: int = 8443
     nodes: tuple[int, int] = (8081, 8082)
     app: int = 3000
+    broker: int = 6380
 
     @classmethod
     def free(cls) -> Ports:
-        """Four ports nothing listens on now, all different (held open together)."""
+        """Five ports nothing listens on now, all different (held open together)."""
         with contextlib.ExitStack() as held:
-            sockets = [held.enter_context(socket.socket()) for _ in range(4)]
+            sockets = [held.enter_context(socket.socket()) for _ in range(5)]
             for s in sockets:
                 s.bind(("127.0.0.1", 0))
-            https, node_a, node_b, app = (s.getsockname()[1] for s in sockets)
-        return cls(https, (node_a, node_b), app)
+            https, node_a, node_b, app, broker = (s.getsockname()[1] for s in sockets)
+        return cls(https, (node_a, node_b), app, broker)
 
     @property
     def all(self) -> tuple[int, ...]:
+        """The ports deploy/nginx.conf names."""
         return (self.https, *self.nodes, self.app)
 
 
 def port_is_taken(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def redis_answers(port: int) -> bool:
+    """PING, in Redis's inline protocol: +PONG once it is ready (loading or not yet
+    listening: anything else)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def site_config(ports: Ports) -> str:
@@ -138,8 +158,9 @@ class Process:
     log: Path
     command: list[str]
     env: Mapping[str, str]
+    port: int | None = None  # where it serves, for a part that tend() restarts
     stopping: bool = False
-    serving: bool = True  # False from a restart until the node's port opens
+    serving: bool = True  # False from a restart until its port opens
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -156,7 +177,8 @@ class Process:
 
 @dataclass
 class Stack:
-    """Two streamer nodes, the app and nginx, over `database_url`; files in `directory`."""
+    """A Redis, two streamer nodes (one fleet through it), the app and nginx, over
+    `database_url`; files in `directory`."""
 
     directory: Path
     database_url: str
@@ -173,20 +195,46 @@ class Stack:
         return f"http://127.0.0.1:{self.ports.nodes[index]}"
 
     @property
+    def broker_url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports.broker}/0"
+
+    @property
     def nodes(self) -> list[Process]:
         return [p for p in self.processes if p.name.startswith("streamer")]
 
+    @property
+    def broker(self) -> Process:
+        return next(p for p in self.processes if p.name == "redis")
+
+    def reading(self) -> list[Process]:
+        """The nodes that say they read the database for the fleet (streamer_fleet_reader 1
+        on their /metrics): one, but for a moment after the reader died (none yet)."""
+        readers = []
+        for index, node in enumerate(self.nodes):
+            try:
+                with urllib.request.urlopen(self.node_url(index) + "/metrics", timeout=2) as r:
+                    metrics = r.read().decode()
+            except (urllib.error.URLError, OSError):
+                continue
+            if re.search(r"^streamer_fleet_reader 1(\.0)?$", metrics, flags=re.MULTILINE):
+                readers.append(node)
+        return readers
+
     def start(self) -> None:
-        """Start every part, in parallel, and return once each answers."""
+        """Start the broker, then every other part in parallel; return once each answers."""
         if not APP_SERVER.exists():
             raise StackError(f"{APP_SERVER} is missing: build the app with `make app`")
         if not NGINX.exists():
             raise StackError(f"{NGINX} is missing: install it with `make nginx-deps`")
-        taken = [port for port in self.ports.all if port_is_taken(port)]
+        if not REDIS.exists():
+            raise StackError(f"{REDIS} is missing: install it with `make broker-deps`")
+        taken = [port for port in (*self.ports.all, self.ports.broker) if port_is_taken(port)]
         if taken:
             raise StackError(f"port {', '.join(map(str, taken))} is taken: is a stack running?")
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
+            # First (and so stopped last): a node does not start without its broker.
+            self._start_broker()
             nodes = [
                 self._spawn(
                     f"streamer-{'ab'[index]}",
@@ -195,9 +243,11 @@ class Stack:
                         **self.node_env,
                         "DATABASE_URL": self.database_url,
                         "STREAMER_JWT_SECRET": self.jwt_secret,
+                        "STREAMER_BROKER_URL": self.broker_url,
                         "STREAMER_HOST": "127.0.0.1",
                         "STREAMER_PORT": str(port),
                     },
+                    port,
                 )
                 for index, port in enumerate(self.ports.nodes)
             ]
@@ -220,6 +270,32 @@ class Stack:
             self.stop()
             raise
 
+    def _start_broker(self) -> None:
+        """Redis on the broker's port, persisting nothing (a restart loses every message and
+        subscription: the nodes catch their streams up from the database), its log on
+        stdout, into redis.log like the others'."""
+        command = [
+            str(REDIS),
+            "--bind", "127.0.0.1",
+            "--port", str(self.ports.broker),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.directory),
+            "--logfile", "",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        broker = self._spawn("redis", command, {}, self.ports.broker)
+        self._wait_for_broker(broker)
+
+    def _wait_for_broker(self, broker: Process) -> None:
+        deadline = time.monotonic() + START_SECONDS
+        while not redis_answers(self.ports.broker):
+            if broker.popen.poll() is not None:
+                raise StackError(broker.died())
+            if time.monotonic() > deadline:
+                raise StackError(f"redis did not answer PING in {START_SECONDS:.0f} s")
+            time.sleep(0.02)
+
     def _start_nginx(self) -> Process:
         tls = self.directory / "tls"
         make_certificate(tls)
@@ -233,7 +309,9 @@ class Stack:
         command = [str(NGINX), "-e", "stderr", "-p", prefix, "-c", prefix + "nginx.conf"]
         return self._spawn("nginx", command, {})
 
-    def _spawn(self, name: str, command: list[str], env: Mapping[str, str]) -> Process:
+    def _spawn(
+        self, name: str, command: list[str], env: Mapping[str, str], port: int | None = None
+    ) -> Process:
         log = self.directory / f"{name}.log"
         with log.open("ab") as out:
             popen = subprocess.Popen(
@@ -246,7 +324,7 @@ class Stack:
                 # Its own session: Ctrl-C reaches us alone, and we stop each part in order.
                 start_new_session=True,
             )
-        process = Process(name, popen, log, command, env)
+        process = Process(name, popen, log, command, env, port)
         self.processes.append(process)
         return process
 
@@ -269,41 +347,54 @@ class Stack:
             time.sleep(0.05)
 
     def tend(self) -> str | None:
-        """Restart a streamer node that exited without being asked to (a `kill -9`, a
-        crash), as systemd's `Restart=` would: its tabs carry on through the other node
-        meanwhile, and come back to it after. Says so in one line; None if none did. One
-        that dies again before it served is left to dead(), which stops the stack."""
+        """Restart a streamer node or the broker that exited without being asked to (a
+        `kill -9`, a crash), as systemd's `Restart=` would, on the same port: a node's tabs
+        carry on through the other node meanwhile, and come back to it after; over a lost
+        broker the tabs stay open, and catch up once it is back. Says so in one line; None if
+        none did. One that dies again before it served is left to dead(), which stops the
+        stack. A node waits for a restarted broker to serve (it does not start without)."""
         for index, process in enumerate(self.processes):
-            if not process.name.startswith("streamer") or process.stopping:
+            if process.port is None or process.stopping:
                 continue
             if process.popen.poll() is None:
-                if not process.serving:  # a node opens its port once it is ready
-                    process.serving = port_is_taken(int(process.env["STREAMER_PORT"]))
+                if not process.serving:  # it opens its port once it is ready
+                    process.serving = port_is_taken(process.port)
+                    if process.name == "redis" and not process.serving:
+                        return None  # nodes after it wait for it
                 continue
             if not process.serving:
                 # It died again before it served: restarting it would only loop. dead()
                 # stops the stack and shows its log.
                 continue
             self.processes.pop(index)
-            again = self._spawn(process.name, process.command, process.env)
+            again = self._spawn(process.name, process.command, process.env, process.port)
             again.serving = False
             self.processes.insert(index, self.processes.pop())  # stopped in the same order
+            if process.name == "redis":
+                meanwhile = (
+                    "the tabs stay open and catch up once it is back"
+                    " (the nodes' /readyz is 503 meanwhile)"
+                )
+            else:
+                meanwhile = "its tabs carry on through the other node"
             return (
                 f"{process.name} (pid {process.popen.pid}) exited with"
-                f" {process.popen.returncode}: its tabs carry on through the other node;"
-                f" restarted as pid {again.popen.pid}"
+                f" {process.popen.returncode}: {meanwhile}; restarted as pid {again.popen.pid}"
             )
         return None
 
     def dead(self) -> Process | None:
-        """A part that exited without being asked to."""
+        """A part that exited without being asked to, and that tend() does not restart."""
         for process in self.processes:
-            if not process.stopping and process.popen.poll() is not None:
+            if process.stopping or process.popen.poll() is None:
+                continue
+            if process.port is None or not process.serving:
                 return process
         return None
 
     def stop(self) -> None:
-        """SIGTERM each part, front first (nginx, the app, the nodes); SIGKILL what lingers."""
+        """SIGTERM each part, front first (nginx, the app, the nodes, the broker); SIGKILL
+        what lingers."""
         for process in reversed(self.processes):
             process.stopping = True
             if process.popen.poll() is None:
@@ -401,7 +492,7 @@ def main() -> int:
                     print(welcome(stack, user, token, database.dsn, time.monotonic() - began))
                     wait_until_stopped(stack)
             finally:
-                print("\nstopping: nginx, the app, both streamer nodes", flush=True)
+                print("\nstopping: nginx, the app, both streamer nodes, the broker", flush=True)
                 stack.stop()
     except Stop:
         return 0
@@ -414,10 +505,19 @@ def main() -> int:
 def welcome(stack: Stack, user: uuid.UUID, token: str, dsn: str, seconds: float) -> str:
     a, b = stack.ports.nodes
     change = f"update files set progress = 42 where user_id = '{user}' and status = 'processing'"
+    node_a, node_b = (node.popen.pid for node in stack.nodes)
+    readers = stack.reading()
+    if len(readers) == 1:
+        reader = f"  kill -9 {readers[0].popen.pid}"
+    else:  # not one, for a moment: say how to tell
+        reader = "  kill -9 " + " or ".join(str(node.popen.pid) for node in stack.nodes)
+        reader += "  (the node that reads: streamer_fleet_reader 1 on its /metrics)"
     return f"""
 The production shape is up ({seconds:.1f} s): nginx on {stack.url} (HTTP/2, self-signed
-certificate), streamer nodes on :{a} and :{b}, the SvelteKit app on :{stack.ports.app}, and
-a simulated file processor writing the demo user's files to Postgres.
+certificate), two streamer nodes on :{a} (pid {node_a}) and :{b} (pid {node_b}), the
+broker (Redis on :{stack.ports.broker}) that makes them one fleet (one node reads the
+database's changes, both receive them through Redis), the SvelteKit app on :{stack.ports.app},
+and a simulated file processor writing the demo user's files to Postgres.
 
 Sign in (a development link carrying a token for 24 h; accept the certificate warning):
   {stack.url}/signin?token={token}
@@ -428,8 +528,13 @@ The demo user's id:
 The same database, from psql:
   psql "{dsn}" -c "{change}"
 
-Kill a node (its tabs carry on through the other, and it is restarted):
-  kill -9 {stack.nodes[0].popen.pid}
+Kill the node that reads the database for the fleet (the other reads within seconds; the
+tabs it served carry on through the other, and it is restarted):
+{reader}
+Which node reads now (streamer_fleet_reader 1.0 on its /metrics; :{a}'s, then :{b}'s):
+  curl -s {stack.node_url(0)}/metrics {stack.node_url(1)}/metrics | grep '^streamer_fleet_reader '
+Kill the broker (the tabs stay open and catch up once it is back; it is restarted):
+  kill -9 {stack.broker.popen.pid}
 Logs: {stack.directory}/*.log. Ctrl-C stops everything.
 """
 

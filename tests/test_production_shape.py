@@ -1,11 +1,14 @@
 """The production shape in a real browser: Chromium over HTTP/2 to nginx (deploy/nginx.conf),
 which sends /api/ to two streamer nodes and the pages to the SvelteKit app, each a process
-of its own (examples/stack.py, as `make example` runs them), on a real Postgres.
+of its own (examples/stack.py, as `make example` runs them), on a real Postgres. The two
+nodes are one fleet through a real Redis of the stack's own: one reads the database.
 
 Eight tabs of one user stream through one HTTP/2 connection (over HTTP/1.1 the seventh
-would wait for a free connection). One node is SIGKILLed while they are open: the tabs it
-served come back through the other node with what was written meanwhile, and every tab
-ends with exactly the database's rows.
+would wait for a free connection). The node that reads is SIGKILLed while they are open:
+the other reads instead, the tabs it served come back through the other node with what was
+written meanwhile. Then the broker is SIGKILLed: the tabs stay open, and once the stack
+has restarted it they catch up with what was written while it was gone. Every tab ends
+with exactly the database's rows.
 """
 
 from __future__ import annotations
@@ -194,7 +197,18 @@ async def streams_open(stack: Stack, session: aiohttp.ClientSession, node: int) 
     return (await scrape(session, stack.node_url(node) + "/metrics"))["streamer_streams_open"]
 
 
-async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_under_them(
+async def readers(stack: Stack, session: aiohttp.ClientSession) -> list[int]:
+    """The nodes that read the database for the fleet (streamer_fleet_reader 1), by index."""
+    reading = []
+    for node in (0, 1):
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            metrics = await scrape(session, stack.node_url(node) + "/metrics")
+            if metrics["streamer_fleet_reader"] == 1:
+                reading.append(node)
+    return reading
+
+
+async def test_eight_tabs_through_nginx_see_every_row_and_outlive_the_reader_and_the_broker(
     stack: Stack, browser: Any, db: asyncpg.Connection
 ) -> None:
     user = uuid.uuid4()
@@ -215,9 +229,14 @@ async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_
         await insert_file(db, user, "new-row.csv", file_type="text/csv")
         tabs.all_show(await database_rows(db, user), "a new row in every tab")
 
-        # A node dies under its open streams, killed from outside by the pid `make example`
-        # prints; the writer carries on meanwhile.
-        killed = stack.nodes[0].popen
+        # The node that reads the database for the fleet dies under its open streams,
+        # killed from outside by the pid `make example` prints; the writer carries on
+        # meanwhile.
+        reading = await readers(stack, session)
+        assert len(reading) == 1, f"one reader for the fleet, not {reading}"
+        dead, other = reading[0], 1 - reading[0]
+        assert [stack.nodes[dead]] == await asyncio.to_thread(stack.reading)
+        killed = stack.nodes[dead].popen
         os.kill(killed.pid, signal.SIGKILL)
         killed.wait()
         await insert_file(db, user, "while-a-node-died.zip", file_type="application/zip")
@@ -229,11 +248,16 @@ async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_
         await db.execute(
             "delete from files where user_id = $1 and filename = 'invoice-7.pdf'", user
         )
-        tabs.all_show(await database_rows(db, user), "what was written as the node died")
+        tabs.all_show(await database_rows(db, user), "what was written as the reader died")
 
-        # Every stream now goes through the node that is left, and stays live there.
+        # The other node reads now (within 10 s), and every stream goes through it, live.
+        async def the_other_reads() -> bool:
+            return await readers(stack, session) == [other]
+
+        await wait_until(the_other_reads, timeout=10)
+
         async def all_on_the_other_node() -> bool:
-            return await streams_open(stack, session, 1) == TABS
+            return await streams_open(stack, session, other) == TABS
 
         await wait_until(all_on_the_other_node, timeout=WAIT)
         await db.execute(
@@ -247,7 +271,48 @@ async def test_eight_tabs_through_nginx_see_every_row_and_outlive_a_node_killed_
         revived = stack.tend()
         assert revived is not None and f"pid {killed.pid}) exited with -9" in revived
         assert stack.dead() is None
-        await wait_until(lambda: node_ready(session, stack, 0), timeout=WAIT)
+        await wait_until(lambda: node_ready(session, stack, dead), timeout=WAIT)
+        assert stack.tend() is None  # it serves: nothing else to restart
+
+        # The broker dies under the eight tabs, by the pid `make example` prints. Both nodes
+        # know at once (/readyz 503), the tabs stay open, and the writer carries on.
+        broker = stack.broker.popen
+        os.kill(broker.pid, signal.SIGKILL)
+        broker.wait()
+
+        async def no_node_ready() -> bool:
+            return not any([await node_ready(session, stack, node) for node in (0, 1)])
+
+        await wait_until(no_node_ready, timeout=WAIT)
+        await insert_file(db, user, "while-the-broker-died.csv", file_type="text/csv")
+        await db.execute(
+            "update files set status = 'failed', error_message = 'corrupt'"
+            " where user_id = $1 and filename = 'team-photo.jpg'",
+            user,
+        )
+        await db.execute("delete from files where user_id = $1 and filename = 'new-row.csv'", user)
+        assert sum([await streams_open(stack, session, node) for node in (0, 1)]) == TABS
+        assert all(node.popen.poll() is None for node in stack.nodes)  # none exits
+
+        # The stack restarts it on the same port; the nodes come back to it and every tab
+        # catches up with what was written while it was gone.
+        revived = stack.tend()
+        assert revived is not None and revived.startswith(f"redis (pid {broker.pid}) exited")
+        assert stack.broker.popen.pid != broker.pid
+
+        async def both_ready() -> bool:
+            return all([await node_ready(session, stack, node) for node in (0, 1)])
+
+        await wait_until(both_ready, timeout=WAIT)
+        tabs.all_show(await database_rows(db, user), "what was written while the broker died")
+        assert len(await readers(stack, session)) == 1
+        await db.execute(
+            "update files set status = 'ready', progress = 100 where user_id = $1"
+            " and filename = 'while-the-broker-died.csv'",
+            user,
+        )
+        tabs.all_show(await database_rows(db, user), "a change after the broker came back")
+        assert stack.tend() is None and stack.dead() is None
     assert tabs.problems() == []
     tabs.keep_one()
     tabs.screenshot("production-files.png")
@@ -298,10 +363,10 @@ def test_a_node_that_dies_again_before_it_serves_stops_the_stack_instead_of_loop
     tmp_path: Path,
 ) -> None:
     stack = Stack(tmp_path, "", "", Ports.free())
-    port = str(stack.ports.nodes[0])
+    port = stack.ports.nodes[0]
     # A node that served (start() waited for it), then exits; each restart exits at once.
     crashing = stack._spawn(
-        "streamer-a", [sys.executable, "-c", "exit(3)"], {"STREAMER_PORT": port}
+        "streamer-a", [sys.executable, "-c", "exit(3)"], {"STREAMER_PORT": str(port)}, port
     )
     crashing.popen.wait()
     said = stack.tend()

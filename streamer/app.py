@@ -21,12 +21,10 @@ from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
 from streamer.errors import CONNECTION_ERRORS, ApiError, AuthError
 from streamer.feeds import Feeds
-from streamer.fleet import Reader
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.reads import PoolReads, Reads
 from streamer.sources import Source
-from streamer.sources.broker import BrokerSource
 from streamer.sources.notify import NotifySource
 from streamer.sources.wal import WalSource
 from streamer.streams import feed_events, row_events
@@ -147,6 +145,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
     source = direct()
     if settings.broker_url is not None:
+        # Imported only for a fleet: the broker's client costs every process's start-up.
+        from streamer.fleet import Reader
+        from streamer.sources.broker import BrokerSource
+
         source = BrokerSource(
             settings.broker_url,
             Signed(reads.signing_key),

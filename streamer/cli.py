@@ -19,7 +19,6 @@ from streamer.auth import mint_token
 from streamer.config import ConfigError, Settings, load_settings
 from streamer.db import Database, fresh, migrate, source_problem
 from streamer.demo import run_demo
-from streamer.fleet import broker_problem
 from streamer.logs import setup_logging
 from streamer.migrations import MigrationError
 from streamer.runner import StartupError, Terminated, first_line, raise_on_sigterm, run_server
@@ -133,6 +132,8 @@ def _check_broker(settings: Settings) -> None:
     """A fleet's broker that cannot be reached stops start-up, in one line."""
     if settings.broker_url is None:
         return
+    from streamer.fleet import broker_problem  # the broker's client only for a fleet
+
     problem = broker_problem(settings.broker_url)
     if problem is not None:
         raise StartupError(f"cannot use STREAMER_BROKER_URL: {problem}")

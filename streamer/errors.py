@@ -6,18 +6,16 @@ The one place client errors become responses is the error middleware in app.py.
 
 import asyncpg
 import psycopg2
-from redis.exceptions import RedisError
 
-# A database, its change connection or a fleet's broker out of reach, whichever driver met
-# it (psycopg2: the WAL's replication connection; redis: the broker): retried, or answered
-# 503, never a bug.
+# A database or its change connection out of reach, whichever driver met it (psycopg2: the
+# WAL's replication connection; a fleet's broker turns its errors into ConnectionError,
+# streamer/sources/broker.py): retried, or answered 503, never a bug.
 CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     TimeoutError,
     psycopg2.Error,
-    RedisError,
 )
 
 

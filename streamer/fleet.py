@@ -26,12 +26,12 @@ import redis as sync_redis
 import redis.asyncio as redis
 
 from streamer.changes import Change, Forged, Hint, Marker, Payload, Unreadable
-from streamer.errors import CONNECTION_ERRORS
 from streamer.metrics import Metrics
 from streamer.retry import backoff
 from streamer.sources import Source
 from streamer.sources.broker import (
     CHANGE,
+    CONNECTION_ERRORS,
     HINT,
     MARKER,
     TICK,
@@ -125,6 +125,9 @@ class Reader:
         source = self.make_source()
         client = redis.Redis.from_url(self.broker_url, socket_connect_timeout=5)
         publishing: asyncio.Future[None] | None = None
+        # Ends the publisher even if a cancel is lost inside the broker's client (redis-py
+        # can swallow one in a pipeline): it looks at this before every batch.
+        done = asyncio.Event()
         watching: asyncio.Future[None] | None = None
         try:
             await client.ping()
@@ -132,7 +135,7 @@ class Reader:
             self._prefix = fleet_prefix(self._key)
             self._queue.clear()
             await source.connect(self._forward)
-            publishing = asyncio.ensure_future(self._publish(client))
+            publishing = asyncio.ensure_future(self._publish(client, done))
             watching = asyncio.ensure_future(source.watch())
             self.leading.set()
             self.metrics.reader.set(1)
@@ -147,6 +150,8 @@ class Reader:
                 if task.done() and not task.cancelled() and (failure := task.exception()):
                     raise failure
         finally:
+            done.set()
+            self._wake.set()
             self.leading.clear()
             self.metrics.reader.set(0)
             for child in (publishing, watching):
@@ -182,12 +187,12 @@ class Reader:
         self._queue.append((channel, message(self._key, self.epoch, kind, text)))
         self._wake.set()
 
-    async def _publish(self, client: redis.Redis) -> None:
-        """Publish what was read, in order, a batch per round trip."""
-        while True:
+    async def _publish(self, client: redis.Redis, done: asyncio.Event) -> None:
+        """Publish what was read, in order, a batch per round trip, until `done`."""
+        while not done.is_set():
             await self._wake.wait()
             self._wake.clear()
-            while self._queue:
+            while self._queue and not done.is_set():
                 size = min(len(self._queue), BATCH)
                 batch = [self._queue.popleft() for _ in range(size)]
                 async with client.pipeline(transaction=False) as pipe:

@@ -30,15 +30,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as redis
+from redis.exceptions import RedisError
 
 from streamer.changes import Forged, Hint, Marker, Payload, Progress, Signed, Unreadable
-from streamer.errors import CONNECTION_ERRORS
+from streamer.errors import CONNECTION_ERRORS as DATABASE_ERRORS
 from streamer.metrics import Metrics
 from streamer.tasks import stopped
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]  # (feed, owner)
+# What a lost broker (or database) looks like here; what leaves this module is a
+# ConnectionError, which the dispatcher retries like a lost LISTEN.
+CONNECTION_ERRORS = (*DATABASE_ERRORS, RedisError)
 CHANGE, MARKER, HINT, TICK = "c", "m", "h", "t"
 
 
@@ -121,13 +125,16 @@ class BrokerSource:
         self._client = redis.Redis.from_url(self.url, socket_connect_timeout=5)
         self._pubsub = self._client.pubsub()
         channels = [owner_channel(self._prefix, *key) for key in self._following]
-        await self._pubsub.subscribe(all_channel(self._prefix), *channels)
+        try:
+            await self._pubsub.subscribe(all_channel(self._prefix), *channels)
+        except RedisError as exc:
+            raise ConnectionError(f"the broker: {exc}") from exc
         self._reader = asyncio.create_task(self._read())
         # The first tick names the reader this session starts with: any later is a gap.
         async with asyncio.timeout(self.tick_timeout):
             await self._ticked.wait()
         if self._failure is not None:
-            raise self._failure
+            raise ConnectionError(f"the broker: {self._failure}") from self._failure
 
     def follow(self, key: Key) -> Awaitable[None] | None:
         self._following.add(key)
@@ -217,7 +224,7 @@ class BrokerSource:
             if not self._lost.is_set() and loop.time() - self._last_tick > self.tick_timeout:
                 raise TimeoutError("no tick from the fleet's reader")
         if self._failure is not None:
-            raise self._failure
+            raise ConnectionError(f"the broker: {self._failure}") from self._failure
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None

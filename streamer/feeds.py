@@ -10,7 +10,6 @@ status value or a widened type never stops a stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from uuid import UUID
 
 from streamer.changes import BIGINT_MAX
 from streamer.errors import CONNECTION_ERRORS, InvalidId
+from streamer.tasks import set_within
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class Feeds:
     async def run(self) -> None:
         """Read the feeds at each hint or interval; a database away is tried at the next."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.interval)
+            await set_within(self._wake, self.interval)
             self._wake.clear()
             try:
                 await self.refresh()

@@ -145,7 +145,8 @@ class Reader:
                 await asyncio.wait({publishing, watching}, timeout=self.ping)
                 if publishing.done() or watching.done() or self._unreadable is not None:
                     break
-                await asyncio.wait_for(conn.fetchval("select 1"), timeout=self.ping)
+                async with asyncio.timeout(self.ping):
+                    await conn.fetchval("select 1")
             for task in (publishing, watching):
                 if task.done() and not task.cancelled() and (failure := task.exception()):
                     raise failure

@@ -10,6 +10,7 @@ cancels every task and waits until each has ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -79,3 +80,13 @@ async def stopped(task: asyncio.Future[Any]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+
+
+async def set_within(event: asyncio.Event, seconds: float) -> bool:
+    """Wait until `event` is set, at most `seconds`: True if it is. A cancel that comes as
+    the event is set still cancels (Python 3.11's `asyncio.wait_for` loses such a cancel,
+    and a watch loop built on it then runs for ever: `asyncio.timeout` does not)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    return event.is_set()

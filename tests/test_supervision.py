@@ -3,15 +3,17 @@ counted in /metrics and restarted, never left dead while the process stays up.""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from streamer import keys
 from streamer.metrics import Metrics
-from streamer.tasks import Supervisor
+from streamer.tasks import Supervisor, set_within
 from tests.client import open_stream
 from tests.conftest import Service, insert_file, kill_change_connection, token_for, wait_until
 from tests.scrape import scrape
@@ -88,6 +90,41 @@ async def test_stopping_the_supervisor_cancels_every_task_and_waits_until_each_h
     assert [line.getMessage().split(";")[0] for line in supervisor_lines(caplog)] == [
         "task 'failing' failed"
     ]
+
+
+async def test_a_watch_loop_cancelled_as_its_event_is_set_ends():
+    """A source's watch waits on an event in a loop; stopping it (a reader stepping down,
+    a reconnect) cancels it just as the event may be set (a ping's answer arriving). The
+    cancel must end it: Python 3.11's wait_for returned the event's result instead and the
+    loop ran for ever, keeping a walsender open under a reader that had lost its election."""
+    answered = asyncio.Event()
+    rounds = 0
+
+    async def watch() -> None:
+        nonlocal rounds
+        while True:
+            answered.clear()
+            await set_within(answered, 5)
+            rounds += 1
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # the task runs into its wait
+    answered.set()
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=1)
+    assert done and task.cancelled(), f"still running after {rounds} round(s)"
+    assert await set_within(answered, 0) and not await set_within(asyncio.Event(), 0.01)
+
+
+def test_the_service_never_waits_with_asyncio_wait_for():
+    """asyncio.wait_for can lose a cancel (above): the service waits with asyncio.timeout."""
+    calls = [
+        f"{path}:{node.lineno}"
+        for path in sorted((Path(__file__).parent.parent / "streamer").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for"
+    ]
+    assert not calls, calls
 
 
 async def test_a_listener_that_raises_is_logged_counted_restarted_and_streams_carry_on(

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from streamer.changes import Forged, Hint, Marker, Payload, Progress, Signed, Unreadable
 from streamer.errors import CONNECTION_ERRORS as DATABASE_ERRORS
 from streamer.metrics import Metrics
-from streamer.tasks import stopped
+from streamer.tasks import set_within, stopped
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +219,8 @@ class BrokerSource:
         reader has been heard of for `tick_timeout` (none is reading: streams wait)."""
         loop = asyncio.get_running_loop()
         while not self._lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=self.tick_timeout / 2)
-            if not self._lost.is_set() and loop.time() - self._last_tick > self.tick_timeout:
+            lost = await set_within(self._lost, self.tick_timeout / 2)
+            if not lost and loop.time() - self._last_tick > self.tick_timeout:
                 raise TimeoutError("no tick from the fleet's reader")
         if self._failure is not None:
             raise ConnectionError(f"the broker: {self._failure}") from self._failure

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import asyncpg
 
 from streamer.changes import CHANNEL, Payload, Signed, marker_text
+from streamer.tasks import set_within
 
 
 class NotifySource:
@@ -40,7 +40,8 @@ class NotifySource:
 
     async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
-        conn = await asyncio.wait_for(asyncpg.connect(self.dsn), timeout=10)
+        async with asyncio.timeout(10):
+            conn = await asyncpg.connect(self.dsn)
         self.connection = conn
         conn.add_termination_listener(lambda _: self._lost.set())
         await self.signed.load()  # before the first payload can arrive
@@ -57,10 +58,10 @@ class NotifySource:
         conn = self.connection
         assert conn is not None
         while not self._lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
+            if await set_within(self._lost, self.ping_interval):
                 return
-            await asyncio.wait_for(conn.fetchval("select 1"), timeout=self.ping_timeout)
+            async with asyncio.timeout(self.ping_timeout):
+                await conn.fetchval("select 1")
 
     async def close(self) -> None:
         conn, self.connection = self.connection, None

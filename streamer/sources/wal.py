@@ -13,7 +13,6 @@ as flushed, so a long-running process holds no WAL either.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -26,6 +25,7 @@ import psycopg2.extensions
 from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
 
 from streamer.changes import CHANNEL, Payload, Signed, marker_text
+from streamer.tasks import set_within
 
 log = logging.getLogger(__name__)
 PREFIX = CHANNEL.encode()  # the logical messages' prefix, as the channel is NOTIFY's
@@ -172,15 +172,15 @@ class WalSource:
         half-open connection) or failed."""
         try:
             while not self._lost.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), timeout=self.ping_interval)
+                if await set_within(self._lost, self.ping_interval):
                     break
                 cursor = self._cursor
                 assert cursor is not None
                 self._heard.clear()
                 # The server answers with a keepalive.
                 cursor.send_feedback(reply=True)  # type: ignore[no-untyped-call]
-                await asyncio.wait_for(self._heard.wait(), timeout=self.ping_timeout)
+                if not await set_within(self._heard, self.ping_timeout):
+                    raise TimeoutError("the replication connection did not answer a ping")
         finally:
             if self._failure is not None:
                 failure, self._failure = self._failure, None

@@ -81,7 +81,7 @@ run: install ## run the service (embedded Postgres unless DATABASE_URL is set)
 demo: install ## embedded Postgres + simulated file processor + live demo page
 	$(BIN)/streamer demo
 
-example: install nginx-deps broker-deps app ## nginx (HTTP/2) on https://127.0.0.1:8443, two streamer nodes, the SvelteKit app
+example: install nginx-deps broker-deps app ## nginx (HTTP/2) on https://127.0.0.1:8443, two streamer nodes as one fleet through Redis, the SvelteKit app
 	exec $(BIN)/python -m examples.stack
 
 browser-deps: ## install Debian's chromium and chromium-driver for the browser tests

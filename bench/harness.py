@@ -183,16 +183,23 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
 
-def start_service(pg: Postgres, *, heartbeat: float = 30.0, code: Path = REPO) -> ServerProcess:
-    """`streamer serve` as deployed (DATABASE_URL and a JWT secret from the environment),
-    run as `python -m streamer` so that it is the code of checkout `code` (this one unless
-    told otherwise)."""
+def start_service(
+    pg: Postgres,
+    *,
+    heartbeat: float = 30.0,
+    code: Path = REPO,
+    settings: dict[str, str] | None = None,
+) -> ServerProcess:
+    """`streamer serve` as deployed (DATABASE_URL and a JWT secret from the environment,
+    with `settings` on top), run as `python -m streamer` so that it is the code of checkout
+    `code` (this one unless told otherwise)."""
     port = _free_port()
     env = {
         "DATABASE_URL": pg.dsn("bench-service"),
         "STREAMER_JWT_SECRET": SECRET,
         "STREAMER_PORT": str(port),
         "STREAMER_HEARTBEAT_SECONDS": str(heartbeat),
+        **(settings or {}),
     }
     command = [sys.executable, "-m", "streamer", "serve", "--no-migrate"]
     server = ServerProcess("service", command, env, port, code)

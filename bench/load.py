@@ -79,11 +79,14 @@ class Receivers:
         name: str,
         population: Population,
         stream_user: Ints,
-        port: int,
+        port: int | list[int],
         processes: int,
         out_dir: str,
         query: str = "",
     ) -> Receivers:
+        """Stream i on client process i % processes, which connects to `port` (of a list:
+        the one at its own index modulo its length, as to the nodes of a fleet)."""
+        ports = port if isinstance(port, list) else [port]
         path = STREAM_PATH + (f"?{query}" if query else "")
         remotes = []
         for p in range(processes):
@@ -91,7 +94,7 @@ class Receivers:
                 (int(i), population.tokens[int(stream_user[i])])
                 for i in range(p, len(stream_user), processes)
             ]
-            spec = ClientSpec(f"{name}-{p}", port, path, mine, out_dir)
+            spec = ClientSpec(f"{name}-{p}", ports[p % len(ports)], path, mine, out_dir)
             remotes.append(Remote(f"client-{name}-{p}", client_main, spec))
         return cls(name, remotes, stream_user)
 

@@ -33,6 +33,7 @@ import psutil  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
 from tests import broker as brokers
+from tests import test_postgres_versions as versions
 from tests.broker import Broker
 from tests.conftest import SECRET, SOURCE, token_for, wait_until
 from tests.scrape import scrape
@@ -55,6 +56,7 @@ from tests.test_isolation import (
 from tests.watcher import Watcher, describe, state
 
 broker = brokers.broker  # the fixture: a Redis of each test's own
+postgres15 = versions.postgres15  # the fixture: a PostgreSQL 15 cluster of this module's own
 
 EVENTS = "/api/files/events"
 NODES = 3
@@ -443,6 +445,18 @@ async def test_a_fleet_reads_the_database_once_and_every_stream_equals_the_datab
 async def test_the_reader_killed_another_reads_within_10_s_and_its_clients_resume_elsewhere(
     database_url: str, broker: Broker
 ) -> None:
+    await reader_killed(database_url, broker)
+
+
+async def test_on_postgres_15_over_a_unix_socket_a_fleet_reads_once_and_survives_its_reader(
+    postgres15: tuple[str, str], broker: Broker
+) -> None:
+    """The same on the oldest PostgreSQL supported (users bring their own server), every
+    process connected through its Unix socket."""
+    await reader_killed(postgres15[1], broker)
+
+
+async def reader_killed(database_url: str, broker: Broker) -> None:
     db = await asyncpg.connect(database_url)
     users = [uuid.uuid4() for _ in range(3)]
     writer = Writer(db, users, random.Random(2))
@@ -450,6 +464,7 @@ async def test_the_reader_killed_another_reads_within_10_s_and_its_clients_resum
     try:
         async with fleet(database_url, broker) as the_fleet:
             reader = await the_fleet.the_reader()
+            await one_change_connection(db, NODES)
             for node in the_fleet.nodes:
                 for index, user in enumerate(users):
                     watchers.append((node, user, await watch(the_fleet, node, user, index)))

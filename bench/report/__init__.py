@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.report import big_user, plots, sections, targets
+from bench.report import big_user, fleet, plots, sections, targets
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -25,6 +25,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines += sections.sources(results["sources"])
     if "big_user" in results:
         lines += big_user.section(results["big_user"])
+    if "fleet" in results:
+        lines += fleet.section(results["fleet"])
     if "fanout" in results:
         lines += sections.profile(results["fanout"])
     lines += METHOD

@@ -4,9 +4,10 @@ streams 1/N of the owners; the writers commit single-row UPDATEs at 1,000 commit
 same processes without a broker (each reading the database itself) at the smallest and the
 largest size, for contrast.
 
-Measured per size: Postgres's CPU per commit (all of its processes: the writers' backends
-and the change connections), each process's CPU, the broker's, and delivery latency from
-COMMIT to the client, through the broker or direct.
+Measured per size: Postgres's CPU per commit besides the writers' own backends (what
+reading the changes costs it: the change connections, the pools' queries, its background
+processes), each process's CPU, the broker's, and delivery latency from COMMIT to the
+client, through the broker or direct.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import redis
 from bench.harness import ServerProcess, sampling, start_service
 from bench.load import Context, Receivers, expected_events, plan
 from bench.phase import DRAIN_TIMEOUT, figures
-from bench.procfs import tree_cpu
+from bench.procfs import cpu_seconds, tree_cpu
 from bench.stats import deliveries
 from streamer.embedded import _free_port
 
@@ -109,14 +110,20 @@ def phase(
     try:
         receivers.open(s.users)
         postmaster = ctx.pg.postmaster_pid()
+        writers = ctx.pg.backends("bench-writer")  # kept open for the whole run
+        ours = set(ctx.pg.backends("bench-service"))  # the processes' connections
         node0 = [server.cpu() for server in servers]
         broker0 = redis_server.cpu() if redis_server is not None else 0.0
-        pg0, wall0 = tree_cpu([postmaster]), time.monotonic()
+        pg0, writers0 = tree_cpu([postmaster]), sum(cpu_seconds(pid) for pid in writers)
+        ours0 = {pid: cpu_seconds(pid) for pid in ours}
+        wall0 = time.monotonic()
         with sampling(ctx.pg, None, "bench-service") as peak:
             commits = ctx.writer.run(s.rate, s.seconds, 1, s.users)
             receivers.drain(expected_events(commits, receivers, s.users), timeout=DRAIN_TIMEOUT)
         wall = time.monotonic() - wall0
         pg_cpu = tree_cpu([postmaster]) - pg0
+        writers_cpu = sum(cpu_seconds(pid) for pid in writers) - writers0
+        service_cpu = backends_cpu(ctx, ours0)
         node_cpu = [server.cpu() - c0 for server, c0 in zip(servers, node0, strict=True)]
         broker_cpu = redis_server.cpu() - broker0 if redis_server is not None else None
         readers = [reads_for_the_fleet(server) for server in servers] if redis_server else None
@@ -135,8 +142,14 @@ def phase(
         "through": "broker" if redis_server is not None else "direct",
         "live_streams": len(receivers.live),
         "readers": sum(readers) if readers is not None else count,
-        "postgres_us_per_commit": round(pg_cpu * per_commit, 1),
-        "postgres_cpu_pct": round(100 * pg_cpu / wall, 1),
+        # The backends of the processes' own connections (change connections, pools, the
+        # election's): what serving the fleet costs Postgres.
+        "postgres_us_per_commit": round(service_cpu * per_commit, 1),
+        # Every process of Postgres's but the writers' backends (autovacuum, the WAL
+        # writer, checkpoints too: noisier).
+        "postgres_besides_writers_us_per_commit": round((pg_cpu - writers_cpu) * per_commit, 1),
+        "postgres_cpu_pct": round(100 * (pg_cpu - writers_cpu) / wall, 1),
+        "postgres_with_writers_us_per_commit": round(pg_cpu * per_commit, 1),
         "process_cpu_pct": [round(100 * c / wall, 1) for c in node_cpu],
         "reader_cpu_pct": reader_share(node_cpu, readers, wall),
         "processes_us_per_event": round(1e6 * sum(node_cpu) / max(1, delivery.received), 1),
@@ -144,6 +157,17 @@ def phase(
         "broker_us_per_commit": None if broker_cpu is None else round(broker_cpu * per_commit, 1),
         "pg_connections": peak.connections,
     }
+
+
+def backends_cpu(ctx: Context, before: dict[int, float]) -> float:
+    """CPU seconds the processes' backends used since `before` (their pids then): those
+    still there now and any opened since (counted from zero); one that ended meanwhile is
+    lost, and the processes keep their connections for the phase."""
+    total = 0.0
+    for pid in set(before) | set(ctx.pg.backends("bench-service")):
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid) - before.get(pid, 0.0)
+    return total
 
 
 def reader_share(cpu: list[float], readers: list[bool] | None, wall: float) -> float | None:

@@ -97,6 +97,16 @@ class Postgres:
             ).fetchone()
         return int(row[0]) if row else 0
 
+    def backends(self, application: str) -> list[int]:
+        """The process ids of the backends of connections named `application`."""
+        with self._monitor_lock:
+            if self._monitor is None or self._monitor.closed:
+                self._monitor = psycopg.connect(self.dsn("bench-monitor"), autocommit=True)
+            rows = self._monitor.execute(
+                "select pid from pg_stat_activity where application_name = %s", (application,)
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
     def pgbench(self) -> Path:
         return POSTGRES_BIN_PATH / "pgbench"
 

@@ -17,6 +17,7 @@ PHASES = of([
     ("lost", lambda p: f"{p['lost']:,} / {p['expected']:,}"),
     ("p50 / p99 ms", lambda p: f"{ms(p['p50_ms'])} / {ms(p['p99_ms'])}"),
     ("Postgres µs/commit", number("postgres_us_per_commit", 1)),
+    ("besides writers", number("postgres_besides_writers_us_per_commit", 1)),
     ("Postgres CPU", lambda p: cpu(p["postgres_cpu_pct"])),
     ("each process's CPU", lambda p: " ".join(cpu(c) for c in p["process_cpu_pct"])),
     ("reader's CPU", lambda p: cpu(p["reader_cpu_pct"])),
@@ -54,8 +55,10 @@ def section(fleet: dict[str, Any]) -> list[str]:
         f"{fleet['users']:,} users with one stream each, process k streaming the users u with "
         f"u % N = k; single-row UPDATEs at {n(fleet['rate'])} commits/s for "
         f"{fleet['seconds']:.0f} s. *broker*: one Redis, one process elected to read; *direct*: "
-        "every process reads the database itself. Postgres CPU is all of its processes (the "
-        "writers' backends included) per commit; processes µs/event is all the processes' "
+        "every process reads the database itself. Postgres µs/commit is the CPU of the "
+        "backends of the processes' own connections (change connections, pools, the "
+        "election's) per commit; Postgres CPU, that of all its processes but the writers' "
+        "backends; processes µs/event is all the processes' "
         "CPU per event delivered. Postgres per commit, by least squares over the sizes: "
         f"{fleet['fleet_us_per_process']:+.1f} µs per process through the broker, "
         f"{direct_slope(fleet)} µs per process direct.",

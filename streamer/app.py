@@ -138,10 +138,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     reads = app[keys.READS] = PoolReads(pool)
     feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all(Ended.DISABLED, name))
     await feeds.refresh()
-    database = WalSource if settings.source == "wal" else NotifySource
 
     def direct() -> Source:
-        return database(app[keys.LISTEN_DSN], pool, Signed(reads.signing_key))
+        if settings.source == "wal":
+            return WalSource(app[keys.LISTEN_DSN], pool, Signed(reads.signing_key), feeds)
+        return NotifySource(app[keys.LISTEN_DSN], pool, Signed(reads.signing_key))
 
     source = direct()
     if settings.broker_url is not None:

@@ -32,7 +32,9 @@ BIGINT_MAX = 2**63 - 1
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 # The envelope's format ("ev", 1 when absent): a later release that changes what a change
 # carries raises it, and a process meeting a format it does not know stops serving.
-FORMAT = 1
+# 2: rows are decoded from the WAL (sql/006_decoded_rows.sql); a process of format 1 reading
+# the WAL would hear nothing more, and the migration tells it in a change of format 2.
+FORMAT = 2
 SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
 MARKER_PREFIX = '{"marker":"'
 
@@ -129,6 +131,17 @@ Payload = Change | Marker | Hint | Progress | Forged | Unreadable
 
 def marker_text(token: str) -> str:
     return MARKER_PREFIX + token + '"}'
+
+
+def signed_text(key: bytes, change: Change) -> str:
+    """The text of a change as a feed trigger signs one: what a fleet's reader relays (a
+    change decoded from the WAL has none until then)."""
+    if change.text:
+        return change.text
+    body = change.model_dump_json(by_alias=True, exclude={"row"})
+    if change.row is not None:
+        body += "\n" + change.row
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest() + body
 
 
 class Signed:

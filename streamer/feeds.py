@@ -39,6 +39,10 @@ class Feed:
     # Whether an index leads with the owner column (the table's business, not the feed's:
     # it changes how the service reads, not what it sends).
     owner_indexed: bool = field(default=False, compare=False)
+    # The columns its events carry, `id` first (None: every column but the owner's), and
+    # the table's oid: what a row decoded from the WAL is rendered and matched with.
+    columns: tuple[str, ...] | None = None
+    oid: int = field(default=0, compare=False)
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> Feed:
@@ -51,6 +55,8 @@ class Feed:
             owner_type=record["owner_type"],
             relation=record["relation"],
             owner_indexed=record["owner_indexed"],
+            columns=None if record["columns"] is None else tuple(record["columns"]),
+            oid=record["oid"],
         )
 
     def parse_id(self, raw: str) -> str:

@@ -25,7 +25,7 @@ import asyncpg
 import redis as sync_redis
 import redis.asyncio as redis
 
-from streamer.changes import Change, Forged, Hint, Marker, Payload, Unreadable
+from streamer.changes import Change, Forged, Hint, Marker, Payload, Unreadable, signed_text
 from streamer.metrics import Metrics
 from streamer.retry import backoff
 from streamer.sources import Source
@@ -168,10 +168,11 @@ class Reader:
         if isinstance(payload, Change):
             self._horizon = max(self._horizon, payload.horizon)
             owners = payload.owners()
+            text = signed_text(self._key, payload)
             if payload.op == "t" or not owners:
-                self._send(all_channel(prefix), CHANGE, payload.text)
+                self._send(all_channel(prefix), CHANGE, text)
             for owner in owners:
-                self._send(owner_channel(prefix, payload.feed, owner), CHANGE, payload.text)
+                self._send(owner_channel(prefix, payload.feed, owner), CHANGE, text)
         elif isinstance(payload, Marker):
             self._send(all_channel(prefix), MARKER, payload.token)
         elif isinstance(payload, Hint):

@@ -10,7 +10,7 @@ FEEDS = (
     " tbl::text as relation, exists (select from pg_index i join pg_attribute a"
     " on a.attrelid = i.indrelid and a.attnum = i.indkey[0] where i.indrelid = f.tbl"
     " and a.attname = f.owner_column and i.indisvalid and i.indpred is null)"
-    " as owner_indexed from streamer.feeds f"
+    " as owner_indexed, f.columns, f.tbl::oid as oid from streamer.feeds f"
 )
 VISIBLE = "select pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot())"
 

@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 from streamer import keys
+from streamer.changes import FORMAT
 from streamer.embedded import _free_port
 from streamer.migrations import checksum, migrate, migrations
 from tests.client import open_stream
@@ -119,7 +120,7 @@ async def test_a_change_of_a_later_format_ends_the_streams_and_the_process_stays
     service: Service, owner_db: asyncpg.Connection, user: uuid.UUID
 ) -> None:
     key: bytes = await owner_db.fetchval("select key from streamer.signing_key")
-    change = {"ev": 2, "f": "files", "o": "u", "id": str(uuid.uuid4()), "u": str(user),
+    change = {"ev": FORMAT + 1, "f": "files", "o": "u", "id": str(uuid.uuid4()), "u": str(user),
               "v": 1, "x": 1, "m": 1, "e": False, "new": "what a later release adds"}  # fmt: skip
     future = json.dumps(change)
     signed = hmac.new(key, future.encode(), hashlib.sha256).hexdigest() + future
@@ -196,12 +197,14 @@ async def previous_node(
 async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migration(
     previous_node: tuple[str, str], user: uuid.UUID
 ) -> None:
+    if SOURCE == "wal":
+        pytest.skip("with wal, a node of the previous release is told it cannot read on (below)")
     base, url = previous_node
     async with (
         aiohttp.ClientSession() as session,
         open_stream(session, base + EVENTS, token_for(user)) as old,
     ):
-        assert migrate(url, SOURCE) == ["005_own_column.sql"]
+        assert migrate(url, SOURCE) == ["005_own_column.sql", "006_decoded_rows.sql"]
         new = await start_service(url)
         db = await asyncpg.connect(url)
         try:
@@ -225,3 +228,41 @@ async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migr
             str(file_id),
             version,
         )
+
+
+async def test_with_wal_a_node_of_the_previous_release_ends_its_streams_after_this_migration(
+    previous_node: tuple[str, str], user: uuid.UUID
+) -> None:
+    """It reads only the messages its triggers wrote, which this release's feeds no longer
+    write (the rows are decoded from the WAL): it must not stay open and silent. The
+    migration tells it, in a change it cannot read: its streams end (clients reconnect to
+    a node of this release with their cursors) and its /readyz is 503."""
+    if SOURCE != "wal":
+        pytest.skip("with notify, a node of the previous release goes on delivering (above)")
+    base, url = previous_node
+    async with (
+        aiohttp.ClientSession() as session,
+        open_stream(session, base + EVENTS, token_for(user)) as old,
+    ):
+        cursor = old.last_id
+        assert migrate(url, SOURCE) == ["005_own_column.sql", "006_decoded_rows.sql"]
+        await old.end()
+
+        async def unready() -> bool:
+            async with session.get(base + "/readyz") as answer:
+                return answer.status == 503
+
+        await wait_until(unready, 10)
+        new = await start_service(url)
+        db = await asyncpg.connect(url)
+        try:
+            file_id = await insert_file(db, user, "after-the-deploy.pdf")
+            headers = {"Last-Event-ID": cursor} if cursor else {}
+            async with open_stream(
+                new.session, new.url(EVENTS), token_for(user), headers=headers
+            ) as resumed:
+                event = await resumed.next()
+                assert (event.name, event.file["id"]) == ("file-update", str(file_id))
+        finally:
+            await db.close()
+            await stop_service(new)

@@ -1,13 +1,15 @@
-"""The WAL source: one logical replication connection per process, reading the signed
-payloads that the feed triggers write as transactional logical messages (pgoutput, with
-`messages` on and an empty publication: no table's rows are sent, only the messages).
+"""The WAL source: one logical replication connection per process, reading the feed
+tables' own row changes (pgoutput, publication `streamer`: the feed tables and the
+tombstones), decoded by streamer/sources/decoder.py, and the service's own logical messages
+(recovery markers, the feeds-changed hint: `messages` on).
 
 psycopg2, because asyncpg and psycopg 3 cannot speak the replication protocol. Its
 connection is asynchronous and read from the event loop (`add_reader` + `read_message`),
-with no thread. The slot is TEMPORARY: it dies with its connection, so Postgres never
-keeps WAL for a process that is gone; after a reconnect the dispatcher catches streams up
-from their cursors, as after a LISTEN reconnect. Every transaction handed on is confirmed
-as flushed, so a long-running process holds no WAL either.
+with no thread, in UTC and ISO dates (the row renderer reads values in that form). The
+slot is TEMPORARY: it dies with its connection, so Postgres never keeps WAL for a process
+that is gone; after a reconnect the dispatcher catches streams up from their cursors, as
+after a LISTEN reconnect. Every transaction handed on is confirmed as flushed, so a
+long-running process holds no WAL either.
 """
 
 from __future__ import annotations
@@ -16,35 +18,37 @@ import asyncio
 import logging
 import os
 import secrets
-import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
 
+from streamer import pgoutput, queries, rowjson
 from streamer.changes import CHANNEL, Payload, Signed, marker_text
-from streamer.tasks import set_within
+from streamer.errors import CONNECTION_ERRORS
+from streamer.feeds import Feed, Feeds
+from streamer.sources.decoder import SAMPLE, Decoder, Horizons
+from streamer.tasks import set_within, stopped
 
 log = logging.getLogger(__name__)
-PREFIX = CHANNEL.encode()  # the logical messages' prefix, as the channel is NOTIFY's
 BURST = 500  # messages read per wake-up before letting the event loop run others
 SLOW_SLOT = 5.0  # seconds: then say why the start waits
-_MESSAGE, _COMMIT = ord("M"), ord("C")  # pgoutput's message types (and B(egin), ...)
-_TRANSACTIONAL = 1
-_LENGTH = struct.Struct("!i")
+SAMPLE_EVERY = 0.1  # seconds between horizon samples (a cursor lags by about that)
+OPTIONS = "-c TimeZone=UTC -c DateStyle=ISO,MDY -c client_encoding=UTF8"
 
 
 class WalSource:
     name = "wal"
-    description = f"reading messages {CHANNEL!r} from the WAL"
+    description = "decoding the feed tables' changes from the WAL"
 
     def __init__(
         self,
         dsn: str,
         pool: asyncpg.Pool,
         signed: Signed | None = None,
+        feeds: Feeds | None = None,
         *,
         ping_interval: float = 5.0,
         ping_timeout: float = 5.0,
@@ -52,8 +56,9 @@ class WalSource:
         slot_timeout: float = 60.0,
     ) -> None:
         self.dsn = dsn
-        self.pool = pool
-        self.signed = signed or Signed()  # no key: every payload is Forged
+        self.pool = pool  # the horizon's samples, the markers
+        self.signed = signed or Signed()  # only a fleet's reader signs (what it relays)
+        self.feeds = feeds if feeds is not None else Feeds(pool_feeds(pool), lambda _name: None)
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
@@ -63,11 +68,13 @@ class WalSource:
         self.slot: str | None = None
         self._cursor: ReplicationCursor | None = None
         self._fd: int | None = None  # the socket the event loop reads
-        self._receive: Callable[[Payload], None] = lambda _payload: None
-        self._encoding = "utf-8"
+        self._decoder: Decoder | None = None
+        self._horizons = Horizons()
+        self._sampling: asyncio.Task[None] | None = None
+        self._refreshing: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._heard = asyncio.Event()  # anything came from the server (a ping's answer)
-        self._failure: psycopg2.Error | None = None
+        self._failure: BaseException | None = None
 
     @property
     def pid(self) -> int | None:
@@ -78,15 +85,14 @@ class WalSource:
     async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
         self._failure = None
-        self._receive = receive
+        self._horizons = Horizons()
         conn = psycopg2.connect(
-            self.dsn, connection_factory=LogicalReplicationConnection, async_=True
-        )
+            self.dsn, connection_factory=LogicalReplicationConnection, async_=True,
+            options=OPTIONS,
+        )  # fmt: skip
         self.connection = conn
         async with asyncio.timeout(self.connect_timeout):
             await _completed(conn)
-        server_encoding = conn.get_parameter_status("server_encoding") or "UTF8"
-        self._encoding = psycopg2.extensions.encodings.get(server_encoding, "utf-8")
         cursor = conn.cursor()
         assert isinstance(cursor, ReplicationCursor)
         slot = f"streamer_{os.getpid()}_{secrets.token_hex(4)}"
@@ -106,9 +112,10 @@ class WalSource:
         finally:
             creating.cancel()
         self.slot = slot
-        await self.signed.load()  # before the first payload can arrive
-        # Only messages: the publication is empty, and pgoutput sends the transactional
-        # ones in commit order, between the BEGIN and COMMIT of their transaction.
+        await self.signed.load()
+        await self.feeds.refresh()  # the feeds the rows are decoded for
+        await self._sample()  # before anything is read: every commit read is after it
+        self._decoder = Decoder(self.feeds, self._horizons, self.signed, receive)
         cursor.start_replication_expert(  # type: ignore[no-untyped-call]
             f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1',"
             f" publication_names '\"{CHANNEL}\"', messages 'true')",
@@ -118,49 +125,64 @@ class WalSource:
             await _completed(conn)
         self._cursor = cursor
         self._fd = conn.fileno()
+        self._sampling = asyncio.create_task(self._sample_forever())
         asyncio.get_running_loop().add_reader(self._fd, self._read, cursor)
-        self.description = f"reading messages {CHANNEL!r} from the WAL (slot {slot})"
+        self.description = f"decoding the feed tables' changes from the WAL (slot {slot})"
+
+    async def _sample(self) -> None:
+        xmin, lsn = await self.pool.fetchrow(SAMPLE)
+        self._horizons.add(int(lsn), int(xmin))
+
+    async def _sample_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_EVERY)
+            try:
+                await self._sample()
+            except CONNECTION_ERRORS as exc:  # an older sample is still a safe horizon
+                log.warning("could not sample the horizon: %s", exc.__class__.__name__)
 
     def _read(self, cursor: ReplicationCursor) -> None:
-        if cursor is not self._cursor:
-            return  # a wake-up scheduled before a reconnect
+        if cursor is not self._cursor or self._refreshing is not None:
+            return  # a wake-up scheduled before a reconnect, or while the feeds are read
+        decoder = self._decoder
+        assert decoder is not None
         self._heard.set()
         try:
             for _ in range(BURST):
                 message = cursor.read_message()
                 if message is None:
                     return
-                payload = message.payload
-                kind = payload[0]
-                if kind == _MESSAGE:
-                    if self._message(payload):
-                        continue
-                elif kind != _COMMIT:
-                    continue
-                # The end of a transaction (or a message outside any), handed on: confirmed
-                # at once. The slot dies with the connection, so there is no position to
-                # resume from, and no WAL to keep for one.
-                cursor.send_feedback(flush_lsn=message.data_start)  # type: ignore[no-untyped-call]
+                parsed = pgoutput.parse(message.payload)
+                if isinstance(parsed, pgoutput.Relation):
+                    # A table's layout: its types, and the feeds (one enabled a moment
+                    # ago?), read before anything after it is decoded.
+                    self._refreshing = asyncio.create_task(self._learn(cursor, parsed))
+                    return
+                decoder.handle(parsed)
+                if isinstance(parsed, pgoutput.Commit):
+                    # Handed on: confirmed at once. The slot dies with the connection, so
+                    # there is no position to resume from, and no WAL to keep for one.
+                    cursor.send_feedback(flush_lsn=message.data_start)  # type: ignore[no-untyped-call]
             # More may wait in libpq's buffer, where the socket's readiness cannot tell.
             asyncio.get_running_loop().call_soon(self._read, cursor)
-        except psycopg2.Error as exc:
+        except (psycopg2.Error, ValueError, RuntimeError) as exc:
             self._failure = exc
             self._lost.set()
 
-    def _message(self, payload: bytes) -> bool:
-        """A logical message ('M'); True when it is part of a transaction. Only those with
-        the feed's prefix are handed on: others are another tool's, and one outside any
-        transaction is not in commit order (the triggers write none). Its layout: 'M',
-        flags (1: transactional), LSN (8 bytes), prefix and a zero byte, length (4 bytes),
-        content."""
-        if not payload[1] & _TRANSACTIONAL:
-            return False
-        end = payload.index(0, 10)
-        if payload[10:end] == PREFIX:
-            (length,) = _LENGTH.unpack_from(payload, end + 1)
-            start = end + 1 + _LENGTH.size
-            self._receive(self.signed.read(payload[start : start + length].decode(self._encoding)))
-        return True
+    async def _learn(self, cursor: ReplicationCursor, relation: pgoutput.Relation) -> None:
+        try:
+            await self.feeds.refresh()
+            oids = [column.type_oid for column in relation.columns]
+            types = rowjson.type_infos(await self.pool.fetch(rowjson.TYPES, oids))
+        except CONNECTION_ERRORS as exc:
+            self._failure = exc
+            self._lost.set()
+            return
+        finally:
+            self._refreshing = None
+        if cursor is self._cursor and self._decoder is not None:
+            self._decoder.learn(relation, types)
+            self._read(cursor)
 
     async def mark(self, token: str) -> None:
         await self.pool.execute(
@@ -193,6 +215,23 @@ class WalSource:
             self._fd = None
         if conn is not None:
             conn.close()  # the server ends its walsender, and the temporary slot with it
+        # Last: a close of a cancelled dispatcher ends here, with the connection closed.
+        tasks, self._sampling, self._refreshing = (self._sampling, self._refreshing), None, None
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        for task in tasks:
+            if task is not None:
+                await stopped(task)
+
+
+def pool_feeds(pool: asyncpg.Pool) -> Callable[[], Awaitable[dict[str, Feed]]]:
+    """The feeds, read through `pool` (for a source made without the app's registry)."""
+
+    async def load() -> dict[str, Feed]:
+        return {record["name"]: Feed.of(record) for record in await pool.fetch(queries.FEEDS)}
+
+    return load
 
 
 async def _completed(conn: psycopg2.extensions.connection) -> None:

@@ -19,6 +19,23 @@
 -- * The TRUNCATE trigger only moves the feed's horizon (pgoutput sends the TRUNCATE
 --   itself); under notify it still notifies.
 
+
+-- A process of an earlier release reading the WAL reads only the messages its triggers
+-- wrote, which these feeds no longer write: it would stay open and hear nothing. So while
+-- one reads (its temporary slot is active), this migration refuses, saying so.
+do $refuse$
+declare
+    readers text := (select string_agg(s.slot_name, ', ' order by s.slot_name)
+                     from pg_replication_slots s
+                     where s.active and s.plugin = 'pgoutput' and s.slot_name like 'streamer\_%'
+                       and s.database = current_database());
+begin
+    if (select c.source from streamer.config c) = 'wal' and readers is not null then
+        raise exception 'processes of an earlier release read this database''s WAL (slots %): stop them first, then migrate and start this release (they would stay open and hear no change)', readers;
+    end if;
+end
+$refuse$;
+
 -- Keep `tbl` in publication `streamer` (when it exists) or out of it: under wal the feed
 -- tables and the tombstones are published, under notify nothing is.
 create or replace function streamer.publish(tbl regclass, member boolean) returns void
@@ -466,18 +483,13 @@ $use$;
 
 
 -- Feeds enabled by an earlier release get the new triggers (and, under wal, the
--- publication) now. A process of an earlier release reading the WAL would hear nothing
--- more (it reads only the messages the triggers wrote): it is told, in a signed change of
--- format 2, which it cannot read, so it ends its streams and is unready instead of silent.
+-- publication) now.
 do $upgrade$
 declare
     f record;
-    body text := '{"ev":2,"f":"","o":"t","x":0,"m":0}';
 begin
     if (select c.source from streamer.config c) = 'wal' then
         perform streamer.publish('streamer.tombstones'::regclass, true);
-        perform pg_logical_emit_message(true, 'streamer',
-            encode(sha256(streamer.signing_opad() || sha256(streamer.signing_ipad() || convert_to(body, 'UTF8'))), 'hex') || body);
     end if;
     for f in select * from streamer.feeds loop
         perform streamer.enable_feed(f.tbl, f.owner_column, f.event, f.terminal, f.columns,

@@ -32,9 +32,7 @@ BIGINT_MAX = 2**63 - 1
 MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 # The envelope's format ("ev", 1 when absent): a later release that changes what a change
 # carries raises it, and a process meeting a format it does not know stops serving.
-# 2: rows are decoded from the WAL (sql/006_decoded_rows.sql); a process of format 1 reading
-# the WAL would hear nothing more, and the migration tells it in a change of format 2.
-FORMAT = 2
+FORMAT = 1
 SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
 MARKER_PREFIX = '{"marker":"'
 

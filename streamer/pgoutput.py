@@ -28,7 +28,7 @@ TRUNCATE_RESTART_IDENTITY: Final = 2
 
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
-_OID = struct.Struct("!I")
+_UINT32 = _OID = struct.Struct("!I")
 _BEGIN = struct.Struct("!QqI")  # final LSN, commit time, xid
 _COMMIT = struct.Struct("!BQQq")  # flags, commit LSN, end LSN, commit time
 _LSN = struct.Struct("!Q")
@@ -161,10 +161,7 @@ def parse(payload: bytes) -> Message:
     except (struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"malformed pgoutput message {payload[:1]!r}: {exc}") from None
     if end != len(payload):
-        raise ValueError(
-            f"malformed pgoutput message {payload[:1]!r}: {len(payload) - end} bytes"
-            " past its end, or it ends early"
-        )
+        raise ValueError(f"malformed pgoutput message {payload[:1]!r}: bytes past its end")
     return message
 
 
@@ -185,7 +182,7 @@ def _values(buf: bytes, pos: int) -> tuple[Values, int]:
     pos += 2
     values: list[Value] = []
     append = values.append
-    unpack_length = _INT32.unpack_from
+    unpack_length = _UINT32.unpack_from  # a garbage length is too long, never negative
     for _ in range(count):
         kind = buf[pos]
         if kind == _TEXT:

@@ -1,31 +1,28 @@
-"""A decoded row as Postgres renders it in JSON: the text `to_jsonb(row)::text` gives, byte
-for byte, made from pgoutput's text values without asking the database.
+"""A decoded row as Postgres renders it in JSON: byte for byte the text of
+`to_jsonb(row)::text`, made from pgoutput's text values without asking the database.
 
-jsonb prints an object's keys ordered by length, then bytewise, with ": " and ", "
-between; it turns numbers (ints, numeric, floats) into numeric, so `1e-07` becomes
-`0.0000001` and NaN or Infinity a string; timestamps become ISO 8601 ("T", "+00:00"); a
-json value is parsed and printed again as jsonb; any other type is the JSON string of its
-output text. The replication session must print values as the reading session does:
-TimeZone 'UTC', DateStyle 'ISO, MDY', client_encoding UTF8, and extra_float_digits at its
-default (1: shortest exact floats).
+jsonb orders an object's keys by length, then bytewise, with ": " and ", " between; it
+makes numbers numeric (`1e-07` is `0.0000001`, NaN and Infinity strings), timestamps ISO
+8601, json jsonb again, and any other type the JSON string of its output text. So the
+replication session must print values as the reading one does: TimeZone 'UTC', DateStyle
+'ISO, MDY', client_encoding UTF8, extra_float_digits at its default (shortest exact).
 
-Never a wrong rendering: a type outside the ones named in `_BUILTIN` and `_kind`, a
-composite, a value unlike what those settings print (a timestamptz not in UTC), a json
-value jsonb refuses, or an UNCHANGED TOASTed value makes the rendering None: the caller
-reads that row back from the table. A NULL is `null` whatever its type.
+Never a wrong rendering: a type not rendered here (see `_BUILTIN` and `_kind`), a value
+unlike what those settings print, a json value jsonb refuses, or an UNCHANGED TOASTed value
+makes the rendering None, and the caller reads the row back. NULL is null for any type.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any, Final, Literal, NamedTuple, NoReturn
 
-from streamer.pgoutput import Relation, Values
+from streamer.pgoutput import Values
 
 Kind = Literal[
     "bool", "integer", "numeric", "float", "string", "date", "timestamp", "timestamptz",
@@ -39,10 +36,8 @@ TYPES: Final = """
 with recursive closure(oid) as (
     select unnest($1::oid[])
   union
-    select r.ref
-    from closure c
-    join pg_type t on t.oid = c.oid
-    left join pg_range g on g.rngtypid = t.oid
+    select r.ref from closure c
+    join pg_type t on t.oid = c.oid left join pg_range g on g.rngtypid = t.oid
     cross join lateral (values (t.typbasetype), (t.typelem), (g.rngsubtype)) r(ref)
     where r.ref <> 0
 )
@@ -57,42 +52,30 @@ FIRST_USER_OID: Final = 16384  # FirstNormalObjectId: to_jsonb honours casts to 
 # on no setting but TimeZone and DateStyle. Not here, so read back: money (lc_monetary),
 # interval (IntervalStyle), bytea (bytea_output), geometric types (extra_float_digits).
 _BUILTIN: Final[dict[int, Kind]] = {
-    16: "bool",
-    **dict.fromkeys((20, 21, 23), "integer"),  # int8, int2, int4
-    1700: "numeric",
-    **dict.fromkeys((700, 701), "float"),
-    1082: "date",
-    1114: "timestamp",
-    1184: "timestamptz",
-    114: "json",
-    3802: "jsonb",
+    16: "bool", 20: "integer", 21: "integer", 23: "integer", 1700: "numeric", 700: "float",
+    701: "float", 1082: "date", 1114: "timestamp", 1184: "timestamptz", 114: "json", 3802: "jsonb",
     # text, varchar, bpchar, name, "char", uuid, oid, time, timetz, inet, cidr, macaddr,
-    # macaddr8, bit, varbit, pg_lsn, xml
+    # macaddr8, bit, varbit, pg_lsn
     **dict.fromkeys(
-        (25, 1043, 1042, 19, 18, 2950, 26, 1083, 1266, 869, 650, 829, 774, 1560, 1562, 3220, 142),
+        (25, 1043, 1042, 19, 18, 2950, 26, 1083, 1266, 869, 650, 829, 774, 1560, 1562, 3220),
         "string",
     ),
-}
+}  # fmt: skip
 _ELEMENT_KINDS: Final = frozenset(_BUILTIN.values())  # what an array of ours may hold
 _RANGE_SUBTYPES: Final = frozenset(("integer", "numeric", "date"))  # printed alike anywhere
-_DOMAIN_DEPTH = 64  # domains over domains: more is a cycle, not a schema
 
 
 class Unrenderable(Exception):
     """A value this module cannot render exactly as Postgres would: read the row back."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class TypeInfo:
     """How to_jsonb renders a type: through domains, an array with its element's kind."""
 
     oid: int
     kind: Kind
     element: TypeInfo | None = None
-
-    @property
-    def native(self) -> bool:
-        return self.kind != "other"
 
 
 class _Catalog(NamedTuple):  # a row of TYPES
@@ -114,15 +97,12 @@ def type_infos(rows: Iterable[Sequence[Any]]) -> dict[int, TypeInfo]:
 
 
 def _resolve(oid: int, catalog: Mapping[int, _Catalog]) -> TypeInfo:
-    base = oid
-    for _ in range(_DOMAIN_DEPTH):
-        row = catalog.get(base)
-        if row is None:
-            return TypeInfo(oid, "other")
-        if row.typtype != "d":
-            return _kind(oid, row, catalog)
-        base = row.base
-    return TypeInfo(oid, "other")
+    row = catalog.get(oid)
+    if row is None:
+        return TypeInfo(oid, "other")
+    if row.typtype == "d":  # a domain is rendered as its base type
+        return dataclasses.replace(_resolve(row.base, catalog), oid=oid)
+    return _kind(oid, row, catalog)
 
 
 def _kind(oid: int, base: _Catalog, catalog: Mapping[int, _Catalog]) -> TypeInfo:
@@ -145,7 +125,7 @@ def _kind(oid: int, base: _Catalog, catalog: Mapping[int, _Catalog]) -> TypeInfo
 
 
 def renderer(info: TypeInfo | None) -> Render:
-    """The function rendering a non-NULL value of the type (unknown: None)."""
+    """The function rendering a non-NULL value of the type (None: an unknown type)."""
     if info is None or info.kind == "other":
         return _read_back
     if info.kind == "array":
@@ -155,10 +135,6 @@ def renderer(info: TypeInfo | None) -> Render:
 
 def _read_back(text: str) -> NoReturn:
     raise Unrenderable("a type rendered by Postgres only")
-
-
-def _verbatim(text: str) -> str:
-    return text
 
 
 def _bool(text: str) -> str:
@@ -178,8 +154,7 @@ def _float(text: str) -> str:
     return "0" if text == "-0" else text
 
 
-_MAX_EXPONENT = 1000  # NUMERIC_MAX_PRECISION: numeric_in's bound on an exponent
-_MAX_SCALE = 16383  # NUMERIC_DSCALE_MAX
+_MAX_SCALE = 16383  # NUMERIC_DSCALE_MAX: digits after the point
 _MAX_WHOLE_DIGITS = 131072  # numeric's digits before the point
 
 
@@ -191,7 +166,7 @@ def _decimal(text: str) -> str:
     sign = "-" if mantissa[:1] == "-" else ""
     whole, _, fraction = mantissa.lstrip("+-").partition(".")
     shift = int(exponent) if exponent else 0
-    if abs(shift) > _MAX_EXPONENT:
+    if shift > _MAX_WHOLE_DIGITS or -shift > _MAX_SCALE + len(whole):  # before padding
         raise Unrenderable("numeric overflow")
     digits, point = whole + fraction, len(whole) + shift
     if point <= 0:
@@ -208,8 +183,7 @@ def _decimal(text: str) -> str:
 
 _INFINITE = frozenset(("infinity", "-infinity"))
 _DATE = re.compile(r"\d{4,}-\d\d-\d\d(?: BC)?")
-_TIMESTAMP = re.compile(r"(\d{4,}-\d\d-\d\d) (\d\d:\d\d:\d\d(?:\.\d+)?)( BC)?")
-_TIMESTAMPTZ = re.compile(r"(\d{4,}-\d\d-\d\d) (\d\d:\d\d:\d\d(?:\.\d+)?)\+00( BC)?")
+_TIMESTAMP = re.compile(r"(\d{4,}-\d\d-\d\d) (\d\d:\d\d:\d\d(?:\.\d+)?)(\+00)?( BC)?")
 
 
 def _date(text: str) -> str:
@@ -218,33 +192,26 @@ def _date(text: str) -> str:
     return '"' + text + '"'
 
 
-def _timestamp(text: str) -> str:
+def _timestamp(text: str, utc: str = "") -> str:
+    """ISO 8601 as to_jsonb prints it: "T", and for a timestamptz (`utc` "+00", which its
+    text must end with: TimeZone UTC) "+00:00"."""
+    zone = utc and "+00:00"
+    if text[4:5] == "-" and text[10:11] == " " and text[-1] != "C" and text.endswith(utc):
+        return '"' + text[:10] + "T" + text[11 : len(text) - len(utc)] + zone + '"'
     match = _TIMESTAMP.fullmatch(text)
-    if match is None:
-        return _date(text)  # infinity, or Unrenderable
-    date, time, era = match.groups()
-    return f'"{date}T{time}{era or ""}"'
-
-
-def _timestamptz(text: str) -> str:
-    match = _TIMESTAMPTZ.fullmatch(text)
-    if match is None:
-        if text in _INFINITE:
-            return '"' + text + '"'
-        raise Unrenderable("a timestamptz not in TimeZone UTC and DateStyle ISO")
-    date, time, era = match.groups()
-    return f'"{date}T{time}+00:00{era or ""}"'
+    if match is not None and (match[3] or "") == utc:  # BC, or a year past 9999
+        return f'"{match[1]}T{match[2]}{zone}{match[4] or ""}"'
+    if text in _INFINITE:
+        return '"' + text + '"'
+    raise Unrenderable("a timestamp not in DateStyle ISO (or, with a zone, TimeZone UTC)")
 
 
 class _Number(str):
     """A JSON number's text as written."""
 
 
-def _no_constant(name: str) -> NoReturn:
-    raise Unrenderable(f"{name} is not JSON")
-
-
-_JSON = json.JSONDecoder(parse_float=_Number, parse_int=_Number, parse_constant=_no_constant)
+# parse_constant: NaN and Infinity, which are not JSON.
+_JSON = json.JSONDecoder(parse_float=_Number, parse_int=_Number, parse_constant=_read_back)
 
 
 def _json(text: str) -> str:
@@ -276,7 +243,7 @@ def _jsonb(value: object) -> str:
     return "{" + ", ".join([_jsonb(key) + ": " + _jsonb(item) for key, item in pairs]) + "}"
 
 
-def _key_order(pair: tuple[str, object]) -> tuple[int, str]:
+def _key_order(pair: tuple[Any, ...]) -> tuple[int, str]:
     # jsonb: shorter keys first, then bytewise (UTF-8 sorts as its code points do).
     return len(pair[0].encode()), pair[0]
 
@@ -316,48 +283,31 @@ def _array(element: Render, text: str) -> str:
 
 _ARRAY_PUNCTUATION = {"{": "[", "}": "]", ",": ", "}
 _RENDER: Final[dict[str, Render]] = {
-    "bool": _bool,
-    "integer": _verbatim,
-    "numeric": _numeric,
-    "float": _float,
-    "string": encode_basestring,
-    "date": _date,
-    "timestamp": _timestamp,
-    "timestamptz": _timestamptz,
-    "json": _json,
-    "jsonb": _verbatim,  # jsonb's output is what to_jsonb embeds
-}
+    "bool": _bool, "integer": str, "numeric": _numeric, "float": _float,
+    "string": encode_basestring, "date": _date, "timestamp": _timestamp,
+    "timestamptz": functools.partial(_timestamp, utc="+00"), "json": _json,
+    "jsonb": str,  # its output is what to_jsonb embeds
+}  # fmt: skip
 
 
 class Shape:
-    """Some columns of a relation's rows and extra keys, as one JSON object with its keys
-    in jsonb's order: what `jsonb_build_object` of them gives."""
+    """Some columns of a relation's rows and extra keys as one JSON object, its keys in
+    jsonb's order: what `jsonb_build_object` of them gives. Made by `RowRenderer.shape`."""
 
-    __slots__ = ("_plan", "_width", "complete", "native")
+    __slots__ = ("_plan", "_width")
 
-    def __init__(self, renderer: RowRenderer, columns: Sequence[str], extra: Sequence[str]):
-        keys = [*columns, *extra]
-        if len(set(keys)) != len(keys):
-            raise ValueError(f"a key twice among {keys}")
-        self._width = len(renderer.names)
-        self.complete = all(name in renderer.names for name in columns)  # else: read back
-        self.native = self.complete and all(renderer.native(name) for name in columns)
-        entries: list[tuple[str, int, Render | None]] = [
-            (key, renderer.index(key), renderer.render_of(key)) for key in columns if self.complete
-        ]
-        entries += [(key, i, None) for i, key in enumerate(extra)]
-        entries.sort(key=lambda entry: (len(entry[0].encode()), entry[0]))
-        self._plan = tuple(
-            (("" if n == 0 else ", ") + encode_basestring(key) + ": ", index, render)
-            for n, (key, index, render) in enumerate(entries)
-        )
+    def __init__(self, plan: tuple[tuple[str, int, Render | None], ...] | None, width: int):
+        # (", " and the key, a column's index or an extra's, its Render); None: a column
+        # the relation lacks, so always read back.
+        self._plan = plan
+        self._width = width
 
     def render(self, values: Values, extra: Sequence[str] = ()) -> str | None:
         """The object of `values` (a tuple of the relation's) and the extra keys' JSON
         values, in the order they were named; None: read the row back."""
         if len(values) != self._width:
             raise ValueError(f"{len(values)} values for a relation of {self._width} columns")
-        if not self.complete:
+        if self._plan is None:
             return None
         parts: list[str] = []
         append = parts.append
@@ -379,8 +329,8 @@ class Shape:
 
 
 class RowRenderer:
-    """The rows of one relation, its columns as its Relation message lists them (name,
-    type oid), with `types` from `type_infos`."""
+    """The rows of one relation, its columns (name, type oid) as its Relation message
+    lists them, with `types` from `type_infos`."""
 
     def __init__(self, columns: Iterable[tuple[str, int]], types: Mapping[int, TypeInfo]):
         pairs = list(columns)
@@ -388,43 +338,49 @@ class RowRenderer:
         self._index = {name: i for i, name in enumerate(self.names)}
         self._types = tuple(types.get(oid) for _, oid in pairs)
         self._render = tuple(renderer(info) for info in self._types)
-        self._whole = Shape(self, self.names, ())
-
-    @classmethod
-    def for_relation(cls, relation: Relation, types: Mapping[int, TypeInfo]) -> RowRenderer:
-        return cls(((c.name, c.type_oid) for c in relation.columns), types)
+        self._whole = self.shape(self.names)
 
     def index(self, name: str) -> int:
         """The column's position in a tuple; KeyError if the relation has none so named."""
         return self._index[name]
 
-    def render_of(self, name: str) -> Render:
-        return self._render[self._index[name]]
-
     def native(self, name: str) -> bool:
         """Whether the column's type is rendered here (its values may still not be)."""
         info = self._types[self._index[name]]
-        return info is not None and info.native
+        return info is not None and info.kind != "other"
 
     def value(self, values: Values, name: str) -> str | None:
         """One column's JSON ("null" for NULL); None: read the row back."""
-        value = values[self._index[name]]
-        if value is None:
-            return "null"
-        if type(value) is not str:  # UNCHANGED
-            return None
+        index = self._index[name]
+        value = values[index]
+        if type(value) is not str:
+            return "null" if value is None else None  # None: UNCHANGED
         try:
-            return self.render_of(name)(value)
+            return self._render[index](value)
         except Unrenderable:
             return None
 
     def row(self, values: Values) -> str | None:
-        """`to_jsonb(r)::text` of the row, if the relation's columns are all the table's
-        (a publication's column list, or generated columns before PostgreSQL 18, leave
-        some out); None: read the row back."""
+        """`to_jsonb(r)::text`, if the relation's columns are all the table's (a column
+        list of the publication, or generated columns before PostgreSQL 18, leave some
+        out); None: read the row back."""
         return self._whole.render(values)
 
     def shape(self, columns: Sequence[str], extra: Sequence[str] = ()) -> Shape:
-        """Columns and extra keys (whose JSON values `Shape.render` is given) as one
-        object. A column the relation lacks makes every rendering None."""
-        return Shape(self, columns, extra)
+        """Columns and extra keys (their JSON values given to `Shape.render`) as one
+        object; a column the relation lacks makes every rendering None."""
+        keys = [*columns, *extra]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"a key twice among {keys}")
+        if not all(name in self._index for name in columns):
+            return Shape(None, len(self.names))
+        entries: list[tuple[str, int, Render | None]] = [
+            (name, self._index[name], self._render[self._index[name]]) for name in columns
+        ]
+        entries += [(key, i, None) for i, key in enumerate(extra)]
+        entries.sort(key=_key_order)
+        plan = tuple(
+            ((", " if n else "") + encode_basestring(key) + ": ", index, render)
+            for n, (key, index, render) in enumerate(entries)
+        )
+        return Shape(plan, len(self.names))

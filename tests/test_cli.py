@@ -293,7 +293,7 @@ async def test_two_workers_share_one_port_and_every_stream_sees_every_event_of_i
         assert await server.stop() == 0
 
     records = server.records()
-    changes_flow = ("listening on channel", "from the WAL (slot")  # NOTIFY, WAL
+    changes_flow = ("listening on channel", "decoding the feed tables")  # NOTIFY, WAL
     listening = {r["pid"] for r in records if r["message"].startswith(changes_flow)}
     assert len(listening) == 2, "\n".join(server.lines)  # one change connection per worker
     served = {r["pid"] for r in records if r["logger"] == "aiohttp.access" and r["path"] == EVENTS}

@@ -27,7 +27,7 @@ import pytest
 from streamer import keys
 from streamer.changes import FORMAT
 from streamer.embedded import _free_port
-from streamer.migrations import checksum, migrate, migrations
+from streamer.migrations import MigrationError, checksum, migrate, migrations
 from tests.client import open_stream
 from tests.conftest import (
     SECRET,
@@ -161,9 +161,9 @@ def previous_release() -> Iterator[Path]:
 @pytest.fixture
 async def previous_node(
     previous_release: Path, postgres: PostgresServer
-) -> AsyncIterator[tuple[str, str]]:
+) -> AsyncIterator[tuple[str, str, asyncio.subprocess.Process]]:
     """A node of the previous release serving a database it migrated: (its URL, the
-    database's)."""
+    database's, its process)."""
     with fresh_database(postgres, None) as url:
         port = _free_port()
         env = {
@@ -188,18 +188,19 @@ async def previous_node(
                         return False
 
                 await wait_until(ready, 60)
-            yield base, url
+            yield base, url, node
         finally:
-            node.terminate()
-            await node.wait()
+            if node.returncode is None:
+                node.terminate()
+                await node.wait()
 
 
 async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migration(
-    previous_node: tuple[str, str], user: uuid.UUID
+    previous_node: tuple[str, str, asyncio.subprocess.Process], user: uuid.UUID
 ) -> None:
     if SOURCE == "wal":
-        pytest.skip("with wal, a node of the previous release is told it cannot read on (below)")
-    base, url = previous_node
+        pytest.skip("with wal, the migration waits for the previous release to stop (below)")
+    base, url, _ = previous_node
     async with (
         aiohttp.ClientSession() as session,
         open_stream(session, base + EVENTS, token_for(user)) as old,
@@ -230,39 +231,45 @@ async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migr
         )
 
 
-async def test_with_wal_a_node_of_the_previous_release_ends_its_streams_after_this_migration(
-    previous_node: tuple[str, str], user: uuid.UUID
+async def test_with_wal_this_migration_waits_for_the_previous_release_to_stop_reading(
+    previous_node: tuple[str, str, asyncio.subprocess.Process], user: uuid.UUID
 ) -> None:
     """It reads only the messages its triggers wrote, which this release's feeds no longer
-    write (the rows are decoded from the WAL): it must not stay open and silent. The
-    migration tells it, in a change it cannot read: its streams end (clients reconnect to
-    a node of this release with their cursors) and its /readyz is 503."""
+    write (the rows are decoded from the WAL), and cannot be told: it would stay open and
+    hear nothing. So migrating refuses while it reads, naming its slot; once it is stopped
+    the migration applies, and its client resumes on this release with nothing lost."""
     if SOURCE != "wal":
         pytest.skip("with notify, a node of the previous release goes on delivering (above)")
-    base, url = previous_node
-    async with (
-        aiohttp.ClientSession() as session,
-        open_stream(session, base + EVENTS, token_for(user)) as old,
-    ):
-        cursor = old.last_id
+    base, url, node = previous_node
+    db = await asyncpg.connect(url)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            open_stream(session, base + EVENTS, token_for(user)) as old,
+        ):
+            first = await insert_file(db, user, "before-the-deploy.pdf")
+            assert (await old.next()).file["id"] == str(first)
+            cursor = old.last_id
+            with pytest.raises(MigrationError, match="earlier release read this database's WAL"):
+                migrate(url, SOURCE)
+        node.terminate()
+        await node.wait()
+
+        async def stopped_reading() -> bool:
+            return not await db.fetchval("select count(*) from pg_replication_slots where active")
+
+        await wait_until(stopped_reading, 10)
         assert migrate(url, SOURCE) == ["005_own_column.sql", "006_decoded_rows.sql"]
-        await old.end()
-
-        async def unready() -> bool:
-            async with session.get(base + "/readyz") as answer:
-                return answer.status == 503
-
-        await wait_until(unready, 10)
+        second = await insert_file(db, user, "after-the-deploy.pdf")
         new = await start_service(url)
-        db = await asyncpg.connect(url)
         try:
-            file_id = await insert_file(db, user, "after-the-deploy.pdf")
-            headers = {"Last-Event-ID": cursor} if cursor else {}
             async with open_stream(
-                new.session, new.url(EVENTS), token_for(user), headers=headers
-            ) as resumed:
-                event = await resumed.next()
-                assert (event.name, event.file["id"]) == ("file-update", str(file_id))
+                new.session, new.url(EVENTS), token_for(user),
+                headers={"Last-Event-ID": cursor or ""},
+            ) as resumed:  # fmt: skip
+                ids = [e.file["id"] for e in resumed.events if e.name == "file-update"]
+                assert str(second) in ids and "reset" not in [e.name for e in resumed.events]
         finally:
-            await db.close()
             await stop_service(new)
+    finally:
+        await db.close()

@@ -98,7 +98,7 @@ class Plan:
 def plan(feed: Feed, relation: pgoutput.Relation, types: Types) -> Plan | None:
     """None when the table no longer has what the feed needs (its schema changed past it:
     the next RELATION message and the feeds read again tell)."""
-    renderer = rowjson.RowRenderer.for_relation(relation, types)
+    renderer = rowjson.RowRenderer(((c.name, c.type_oid) for c in relation.columns), types)
     names = renderer.names
     if any(name not in names for name in (feed.owner_column, "id", "streamer_version")):
         return None

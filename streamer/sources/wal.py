@@ -96,6 +96,8 @@ class WalSource:
         cursor = conn.cursor()
         assert isinstance(cursor, ReplicationCursor)
         slot = f"streamer_{os.getpid()}_{secrets.token_hex(4)}"
+        # Before the slot exists: every commit it decodes is after this sample's position.
+        await self._sample()
         cursor.execute(
             f"CREATE_REPLICATION_SLOT {slot} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'nothing')"
         )
@@ -114,7 +116,6 @@ class WalSource:
         self.slot = slot
         await self.signed.load()
         await self.feeds.refresh()  # the feeds the rows are decoded for
-        await self._sample()  # before anything is read: every commit read is after it
         self._decoder = Decoder(self.feeds, self._horizons, self.signed, receive)
         cursor.start_replication_expert(  # type: ignore[no-untyped-call]
             f"START_REPLICATION SLOT {slot} LOGICAL 0/0 (proto_version '1',"
@@ -165,7 +166,7 @@ class WalSource:
                     cursor.send_feedback(flush_lsn=message.data_start)  # type: ignore[no-untyped-call]
             # More may wait in libpq's buffer, where the socket's readiness cannot tell.
             asyncio.get_running_loop().call_soon(self._read, cursor)
-        except (psycopg2.Error, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # a callback's: raised from watch(), never lost in the loop
             self._failure = exc
             self._lost.set()
 

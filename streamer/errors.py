@@ -55,6 +55,13 @@ class InvalidCursor(ApiError):
     message = "Last-Event-ID is not a cursor this server issued."
 
 
+class InvalidFilter(ApiError):
+    """A shaped stream's filter or select that cannot be honoured (streamer/shapes.py)."""
+
+    code = "INVALID_FILTER"
+    message = "The filter is not valid."
+
+
 class InvalidId(ApiError):
     code = "INVALID_ID"
 

@@ -19,7 +19,7 @@ import psycopg2
 import pytest
 from psycopg2.extras import LogicalReplicationConnection
 
-from streamer import rowjson
+from streamer import pgtypes
 from streamer.pgoutput import (
     UNCHANGED,
     Begin,
@@ -36,7 +36,8 @@ from streamer.pgoutput import (
     Update,
     parse,
 )
-from streamer.rowjson import RowRenderer, TypeInfo
+from streamer.pgtypes import TypeInfo
+from streamer.rowjson import RowRenderer
 from tests.conftest import WAIT
 
 # The replication session and the writers' print values as the service's sessions do.
@@ -108,7 +109,7 @@ def of_kind(messages: list[Message], kind: type[Any]) -> list[Any]:
 
 
 def type_infos(conn: psycopg.Connection[Any], oids: list[int]) -> dict[int, TypeInfo]:
-    return rowjson.type_infos(psycopg.RawCursor(conn).execute(rowjson.TYPES, [oids]))
+    return pgtypes.type_infos(psycopg.RawCursor(conn).execute(pgtypes.TYPES, [oids]))
 
 
 def renderer_of(conn: psycopg.Connection[Any], relation: Relation) -> RowRenderer:

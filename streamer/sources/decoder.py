@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from streamer import pgoutput, rowjson
+from streamer import pgoutput, pgtypes, rowjson
 from streamer.changes import Change, Payload, Signed
 from streamer.feeds import Feed, Feeds
 
@@ -44,7 +44,7 @@ SAMPLE = (
     " (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
 )
 KEEP_SAMPLES = 64
-Types = Mapping[int, rowjson.TypeInfo]  # a relation's columns' types, by oid
+Types = Mapping[int, pgtypes.TypeInfo]  # a relation's columns' types, by oid
 
 
 class Horizons:

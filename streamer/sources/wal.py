@@ -25,7 +25,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2.extras import LogicalReplicationConnection, ReplicationCursor
 
-from streamer import pgoutput, queries, rowjson
+from streamer import pgoutput, pgtypes, queries
 from streamer.changes import CHANNEL, Payload, Signed, marker_text
 from streamer.errors import CONNECTION_ERRORS
 from streamer.feeds import Feed, Feeds
@@ -174,7 +174,7 @@ class WalSource:
         try:
             await self.feeds.refresh()
             oids = [column.type_oid for column in relation.columns]
-            types = rowjson.type_infos(await self.pool.fetch(rowjson.TYPES, oids))
+            types = pgtypes.type_infos(await self.pool.fetch(pgtypes.TYPES, oids))
         except CONNECTION_ERRORS as exc:
             self._failure = exc
             self._lost.set()

@@ -1,22 +1,24 @@
 """Scenario 4: what the feed costs a writer, with either change source. pgbench, 4 clients,
-single-row UPDATEs over 1,000 rows, with these triggers on `files`:
+single-row UPDATEs over 1,000 rows, with these on `files`:
 
-- feed:  the feed's own, STREAMER_SOURCE=notify (version stamp BEFORE, tombstone + signed
-         NOTIFY with the row AFTER);
-- wal:   the feed's own, STREAMER_SOURCE=wal (the same, the payload written as a
-         transactional logical message), read meanwhile by one WAL source as a service
-         process reads it: its own temporary slot and walsender;
-- wal4:  the same read by four WAL sources (four service processes: four walsenders, each
-         decoding all of the WAL);
-- bare:  the feed's dropped, replaced by a one-line `pg_notify(channel, id)` AFTER trigger;
-- none:  no notify trigger at all.
+- none:     no feed trigger at all;
+- floor:    the floor of any WAL design: no feed trigger, the table published with
+            REPLICA IDENTITY FULL and its row changes read by Postgres's own pg_recvlogical;
+- wal_idle: the feed with STREAMER_SOURCE=wal (the table published, the BEFORE version
+            stamp, tombstone triggers that fire only at a delete or a change of owner), with
+            nobody reading;
+- wal:      the same, read meanwhile by one WAL source as a service process reads it (its
+            own temporary slot and walsender, decoding the rows);
+- feed:     the feed with STREAMER_SOURCE=notify (version stamp BEFORE, tombstone + signed
+            NOTIFY with the row AFTER);
+- bare:     a one-line `pg_notify(channel, id)` AFTER trigger instead.
 
 The table's own `updated_at` trigger stays in all of them, and the server has
 wal_level = logical in all of them (the embedded server's default). One bare LISTEN
 connection drains the channel throughout, as a NOTIFY service would. Configurations run in
 alternating order (half the rounds each way), so that a drift of the machine over the run
-weighs on all alike. The walsenders' CPU is read from /proc: what each service process of
-the WAL source costs the server at that commit rate. With fsync on, and again with it off.
+weighs on all alike. The walsender's CPU is read from /proc: what the service's reader
+costs the server at that commit rate. With fsync on, and again with it off.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncpg
 
@@ -43,8 +45,9 @@ from streamer.sources.wal import WalSource
 
 ROWS = 1000
 CLIENTS = 4
-CONFIGS = ("feed", "wal", "wal4", "bare", "none")
-WAL_READERS = {"wal": 1, "wal4": 4}  # WAL sources reading during the run
+CONFIGS = ("none", "floor", "wal_idle", "wal", "feed", "bare")
+WAL_READERS = {"wal": 1}  # WAL sources reading during the run
+FLOOR = "bench_floor"  # the floor's publication and slot
 ROUNDS = 5
 ROW_ID = "('00000000-0000-0000-0000-' || lpad(:n::text, 12, '0'))::uuid"
 SCRIPT = f"""\\set n random(1, {ROWS})
@@ -62,9 +65,9 @@ ENABLE_FILES = (
     "select streamer.enable_feed('files', owner_column => 'user_id', event => 'file', "
     "terminal => $$status in ('ready', 'failed')$$, replace => true)"  # its triggers again
 )
-DROP_FEED = (
-    "drop trigger if exists streamer_stamp on files",
-    "drop trigger if exists streamer_notify on files",
+DROP_FEED = tuple(
+    f"drop trigger if exists {name} on files"
+    for name in ("streamer_stamp", "streamer_notify", "streamer_deleted", "streamer_moved")
 )
 _TPS = re.compile(r"tps = ([\d.]+) \(without initial connection time\)")
 _LATENCY = re.compile(r"latency average = ([\d.]+) ms")
@@ -83,12 +86,22 @@ QUICK = Settings(3, 0)
 def configure(pg: Postgres, config: str) -> None:
     with pg.connect() as conn:
         conn.execute("drop trigger if exists bench_bare_notify on files")
-        for statement in DROP_FEED:
-            conn.execute(statement)
-        if config in ("feed", "wal", "wal4"):
-            source = "notify" if config == "feed" else "wal"
-            conn.execute("select streamer.use_source(%s)", (source,))
-            conn.execute(ENABLE_FILES)
+        conn.execute("alter table files replica identity default")
+        # The source's own way first (under notify: nothing published), then the feed's
+        # triggers as enable_feed makes them, dropped again where the config has none.
+        source = "wal" if config in ("wal_idle", "wal") else "notify"
+        conn.execute("select streamer.use_source(%s)", (source,))
+        conn.execute(ENABLE_FILES)
+        if config not in ("wal_idle", "wal", "feed"):
+            for statement in DROP_FEED:
+                conn.execute(statement)
+        if config == "floor":
+            if (
+                conn.execute("select from pg_publication where pubname = %s", (FLOOR,)).fetchone()
+                is None
+            ):
+                conn.execute(f"create publication {FLOOR} for table files")
+            conn.execute("alter table files replica identity full")
         elif config == "bare":
             conn.execute(BARE_NOTIFY)
             conn.execute(
@@ -137,7 +150,8 @@ class WalReaders:
 
     async def _read(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        sources = [WalSource(self.dsn, cast(asyncpg.Pool, None)) for _ in range(self.count)]
+        pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2)
+        sources = [WalSource(self.dsn, pool) for _ in range(self.count)]
         try:
             for source in sources:
                 await source.connect(self._receive)
@@ -148,6 +162,7 @@ class WalReaders:
         finally:
             for source in sources:
                 await source.close()
+            await pool.close()
 
     def start(self) -> None:
         self._thread.start()
@@ -166,7 +181,35 @@ class WalReaders:
 
 
 @contextlib.contextmanager
+def recvlogical(pg: Postgres) -> Iterator[None]:
+    """Postgres's own reader of the floor's row changes, with a slot of its own."""
+    command = [
+        str(pg.pgbench()).replace("pgbench", "pg_recvlogical"), "-d", pg.url,
+        "--slot", FLOOR, "--create-slot", "--start", "-P", "pgoutput",
+        "-o", "proto_version=1", "-o", f"publication_names={FLOOR}",
+        "-f", "/dev/null", "-F", "1", "-s", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    try:
+        with pg.connect() as conn:  # reading once its slot is there
+            while not conn.execute(
+                "select 1 from pg_replication_slots where slot_name = %s and active", (FLOOR,)
+            ).fetchone():
+                time.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        process.wait(10)
+        with pg.connect() as conn:
+            conn.execute("select pg_drop_replication_slot(%s)", (FLOOR,))
+
+
+@contextlib.contextmanager
 def reading(pg: Postgres, config: str) -> Iterator[WalReaders | None]:
+    if config == "floor":
+        with recvlogical(pg):
+            yield None
+        return
     count = WAL_READERS.get(config, 0)
     if not count:
         yield None
@@ -279,9 +322,10 @@ def measure(pg: Postgres, script: Path, seconds: float) -> dict[str, Any]:
             out[config]["walsender_cpu_pct_per_1000_tps"] = round(
                 1000 * cpu / out[config]["tps"], 2
             )
-    for config in ("feed", "wal", "wal4", "bare"):
+    for config in ("floor", "wal_idle", "wal", "feed", "bare"):
         out[f"{config}_vs_none"] = round(out[config]["tps"] / out["none"]["tps"], 3)
     out["feed_vs_bare"] = round(out["feed"]["tps"] / out["bare"]["tps"], 3)
+    out["wal_vs_floor"] = round(out["wal"]["tps"] / out["floor"]["tps"], 3)
     out["wal_vs_feed"] = round(out["wal"]["tps"] / out["feed"]["tps"], 3)
     return out
 

@@ -73,11 +73,12 @@ CAPACITY = of([
 ])  # fmt: skip
 
 WRITER_CONFIGS = (
-    ("feed", "feed triggers, notify"),
-    ("wal", "feed triggers, wal (1 reader)"),
-    ("wal4", "feed triggers, wal (4 readers)"),
+    ("none", "no feed trigger"),
+    ("floor", "the floor: published, REPLICA IDENTITY FULL, pg_recvlogical reading"),
+    ("wal_idle", "the feed, wal, nobody reading"),
+    ("wal", "the feed, wal, the service reading"),
+    ("feed", "the feed, notify"),
     ("bare", "bare pg_notify"),
-    ("none", "no notify trigger"),
 )
 WRITER = of([
     ("Postgres", text("postgres")),
@@ -211,9 +212,9 @@ def writer_cost(writer: dict[str, Any]) -> list[str]:
         f"pgbench, {writer['clients']} clients, single-row `update files set progress = "
         f"(random()*100)::int where id = :id` over {writer['rows']:,} rows; "
         "the configurations take turns in short runs, in alternating order, while a bare "
-        "LISTEN drains the channel (and with wal, one or four WAL sources read, each with "
-        "its own walsender, as that many service processes would). TPS and latency: the "
-        "median run of each configuration; a walsender's CPU is of one core.",
+        "LISTEN drains the channel (and with wal, one WAL source reads, with its own "
+        "walsender, as the service's reader does). TPS and latency: the median run of each "
+        "configuration; a walsender's CPU is of one core.",
         "",
         *table(WRITER, rows),
         "",

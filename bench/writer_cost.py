@@ -2,23 +2,17 @@
 single-row UPDATEs over 1,000 rows, with these on `files`:
 
 - none:     no feed trigger at all;
-- floor:    the floor of any WAL design: no feed trigger, the table published with
-            REPLICA IDENTITY FULL and its row changes read by Postgres's own pg_recvlogical;
-- wal_idle: the feed with STREAMER_SOURCE=wal (the table published, the BEFORE version
-            stamp, tombstone triggers that fire only at a delete or a change of owner), with
-            nobody reading;
-- wal:      the same, read meanwhile by one WAL source as a service process reads it (its
-            own temporary slot and walsender, decoding the rows);
-- feed:     the feed with STREAMER_SOURCE=notify (version stamp BEFORE, tombstone + signed
-            NOTIFY with the row AFTER);
+- floor:    any WAL design's floor: no feed trigger, published, REPLICA IDENTITY FULL, read
+            by Postgres's own pg_recvlogical;
+- wal_idle: the feed with STREAMER_SOURCE=wal (published, the BEFORE stamp, tombstones at a
+            delete or a change of owner only), nobody reading;
+- wal:      the same, read by one WAL source as the service reads it (a walsender of its own);
+- feed:     the feed with STREAMER_SOURCE=notify (the stamp, a signed NOTIFY AFTER);
 - bare:     a one-line `pg_notify(channel, id)` AFTER trigger instead.
 
-The table's own `updated_at` trigger stays in all of them, and the server has
-wal_level = logical in all of them (the embedded server's default). One bare LISTEN
-connection drains the channel throughout, as a NOTIFY service would. Configurations run in
-alternating order (half the rounds each way), so that a drift of the machine over the run
-weighs on all alike. The walsender's CPU is read from /proc: what the service's reader
-costs the server at that commit rate. With fsync on, and again with it off.
+The table's own `updated_at` trigger and wal_level = logical in all; one bare LISTEN drains
+the channel. Configurations alternate, so that a drift of the machine weighs on all alike;
+the walsender's CPU is read from /proc. With fsync on, then off.
 """
 
 from __future__ import annotations

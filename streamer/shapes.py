@@ -8,11 +8,9 @@ SQL receives each value's canonical text cast to the column's type and compares 
 streamer/values.py does; NULL is SQL's (a comparison with NULL is not true, under `not.`
 too); text orders by code point (`COLLATE "C"`).
 
-ilike folds case as Postgres's lower() does in a database whose LC_CTYPE is a UTF-8
-locale (C.UTF-8, en_US.UTF-8): each character by itself, by Unicode's simple mapping. A
-database whose LC_CTYPE is C folds only ASCII letters, and ICU's full mappings differ for
-a final sigma and a dotted capital I: there, a non-ASCII letter of another case can
-match live and not in a snapshot.
+ilike folds case as Postgres's lower() does with a UTF-8 LC_CTYPE (C.UTF-8, en_US.UTF-8):
+by Unicode's simple mapping. With LC_CTYPE C (ASCII only) or ICU (a final sigma, a dotted
+capital I), a non-ASCII letter of another case can match live and not in a snapshot.
 """
 
 from __future__ import annotations

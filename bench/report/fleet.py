@@ -17,6 +17,7 @@ PHASES = of([
     ("lost", lambda p: f"{p['lost']:,} / {p['expected']:,}"),
     ("p50 / p99 ms", lambda p: f"{ms(p['p50_ms'])} / {ms(p['p99_ms'])}"),
     ("Postgres µs/commit", number("postgres_us_per_commit", 1)),
+    ("ms/s", number("postgres_service_ms_per_s", 1)),
     ("besides writers", number("postgres_besides_writers_us_per_commit", 1)),
     ("Postgres CPU", lambda p: cpu(p["postgres_cpu_pct"])),
     ("each process's CPU", lambda p: " ".join(cpu(c) for c in p["process_cpu_pct"])),
@@ -52,8 +53,9 @@ def section(fleet: dict[str, Any]) -> list[str]:
         "## A fleet: one reader, through Redis",
         "",
         f"1 to {max(p['processes'] for p in rows)} `streamer serve` processes on one database, "
-        f"{fleet['users']:,} users with one stream each, process k streaming the users u with "
-        f"u % N = k; single-row UPDATEs at {n(fleet['rate'])} commits/s for "
+        f"single-row UPDATEs of {fleet['users']:,} users' rows at {n(fleet['rate'])} commits/s, "
+        f"{fleet.get('streamed', fleet['users']):,} of them with one stream each, process k "
+        f"streaming the users u with u % N = k; for "
         f"{fleet['seconds']:.0f} s. *broker*: one Redis, one process elected to read; *direct*: "
         "every process reads the database itself. Postgres µs/commit is the CPU of the "
         "backends of the processes' own connections (change connections, pools, the "

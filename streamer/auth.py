@@ -14,8 +14,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -43,15 +43,23 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 class Principal:
     subject: str  # the token's sub: the user
     expires_at: float  # the token's exp, epoch seconds
+    # Every claim of the token: a feed with an owner claim compares its owners with one
+    # (streamer/claims.py).
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def owner(self, owner_type: str) -> str:
         """The sub as a feed's owner column holds it, compared as text: for a uuid column,
         the canonical form Postgres renders (and anything else is no user of that feed)."""
         if owner_type != "uuid":
             return self.subject
-        if not _UUID.fullmatch(self.subject):
-            raise TokenInvalid("The token's sub claim is not a UUID.")
-        return self.subject.lower()
+        return as_uuid(self.subject, "The token's sub claim is not a UUID.")
+
+
+def as_uuid(value: str, problem: str) -> str:
+    """`value` as Postgres renders a uuid; TokenInvalid(problem) when it is none."""
+    if not _UUID.fullmatch(value):
+        raise TokenInvalid(problem)
+    return value.lower()
 
 
 class _JwksUnavailable(Exception):
@@ -296,7 +304,7 @@ def _principal(claims: dict[str, Any]) -> Principal:
         raise TokenExpired()
     if not isinstance(sub, str) or not sub:
         raise TokenInvalid("The token's sub claim is not a string.")
-    return Principal(subject=sub, expires_at=expires_at)
+    return Principal(subject=sub, expires_at=expires_at, claims=claims)
 
 
 def mint_token(

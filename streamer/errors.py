@@ -62,6 +62,14 @@ class InvalidFilter(ApiError):
     message = "The filter is not valid."
 
 
+class Forbidden(ApiError):
+    """A valid token that may not use this feed: it lacks the feed's owner claim."""
+
+    status = 403
+    code = "FORBIDDEN"
+    message = "The token may not use this feed."
+
+
 class InvalidId(ApiError):
     code = "INVALID_ID"
 

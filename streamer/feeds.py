@@ -10,6 +10,7 @@ status value or a widened type never stops a stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ class Feed:
     # the table's oid: what a row decoded from the WAL is rendered and matched with.
     columns: tuple[str, ...] | None = None
     oid: int = field(default=0, compare=False)
+    # The JWT claim its owners are compared with (None: `sub`): streamer/claims.py.
+    owner_claim: str | None = None
+    # The type of each column its events carry, id included (Postgres's names): what a
+    # shaped stream's filters are checked and compared with. A table may change under a
+    # running feed: a column's type is the table's business, read again with the feed.
+    column_types: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
     def of(cls, record: Mapping[str, Any]) -> Feed:
@@ -57,6 +64,8 @@ class Feed:
             owner_indexed=record["owner_indexed"],
             columns=None if record["columns"] is None else tuple(record["columns"]),
             oid=record["oid"],
+            owner_claim=record.get("owner_claim"),
+            column_types=json.loads(record.get("column_types") or "{}"),
         )
 
     def parse_id(self, raw: str) -> str:

@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from streamer.changes import NOTHING, CatchUp, Change, Gone, Row, Snapshot, format_cursor
 from streamer.feeds import Feed
 from streamer.metrics import Metrics
 from streamer.registry import Registry
+from streamer.shapes import load_row
 from streamer.sse import HeartbeatEvent, deleted_frame, frame, now, update_frame
 from streamer.subscriber import Ended, Envelope, Key, envelope
+from streamer.views import View
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +79,17 @@ class Hub(Registry):
 
     # -- fan-out --------------------------------------------------------------------
 
-    def _publish(self, key: Key, envelope: Envelope) -> None:
+    def _publish(self, key: Key, build: Callable[[View], Envelope | None]) -> None:
+        """To every stream of `key` the envelope `build` makes for its view: made once per
+        distinct view (once, for streams that take every row as it is)."""
+        made: dict[str, Envelope | None] = {}
         for sub in tuple(self._by_key.get(key, ())):
-            if not sub.push(envelope):
+            view = sub.view
+            if view.suffix in made:
+                envelope = made[view.suffix]
+            else:
+                envelope = made[view.suffix] = build(view)
+            if envelope is not None and not sub.push(envelope):
                 self.cut(sub)
 
     def advance(self, horizon: int) -> None:
@@ -112,29 +124,54 @@ class Hub(Registry):
         gone_from = change.owner if change.op == "d" else moved_from
         if self.needs(name, gone_from, change.xid):
             assert gone_from is not None
-            self._publish((name, gone_from), self._gone(feed, change.row_id, change.xid))
+            self._publish((name, gone_from), self._gone_of(feed, change.row_id, change.xid))
         if change.op == "d" or not self.needs(name, change.owner, change.xid):
             return
         current = current or change.current()
         if current is None or current.owner != change.owner or current.version != change.version:
             return
-        update = envelope(
-            update_frame(feed, current, self.cursor),
-            row_id=current.id,
-            xid=change.xid,
-            ends_row=current.terminal,
+        self._publish((name, current.owner), self._row_of(feed, Through(current), change.xid))
+
+    def _row_of(
+        self, feed: Feed, row: Through, xid: int | None, read_in: Snapshot | None = None
+    ) -> Callable[[View], Envelope]:
+        return lambda view: self._row(feed, view, row, xid, read_in)
+
+    def _gone_of(
+        self, feed: Feed, row_id: str, xid: int | None, read_in: Snapshot | None = None
+    ) -> Callable[[View], Envelope]:
+        return lambda view: self._gone(feed, view, row_id, xid, read_in)
+
+    def _row(
+        self, feed: Feed, view: View, row: Through, xid: int | None, read_in: Snapshot | None = None
+    ) -> Envelope:
+        """A row's update as `view` shows it: a delete where it does not match."""
+        if view.filtered and not view.shape.matches(row.values()):
+            return self._gone(feed, view, row.row.id, xid, read_in)
+        text = row.row.json if view.plain else view.text(row.row, row.values())
+        return envelope(
+            update_frame(feed, row.row, view.cursor(self.cursor), text=text),
+            row_id=row.row.id,
+            xid=xid,
+            read_in=read_in,
+            ends_row=row.row.terminal,
         )
-        self._publish((name, current.owner), update)
 
     def _gone(
-        self, feed: Feed, row_id: str, xid: int | None, read_in: Snapshot | None = None
+        self,
+        feed: Feed,
+        view: View,
+        row_id: str,
+        xid: int | None,
+        read_in: Snapshot | None = None,
     ) -> Envelope:
         return envelope(
-            deleted_frame(feed, row_id, self.cursor),
+            deleted_frame(feed, row_id, view.cursor(self.cursor)),
             row_id=row_id,
             xid=xid,
             read_in=read_in,
             ends_row=True,
+            leaves=view.filtered,
         )
 
     def _truncated(self, feed: Feed) -> None:
@@ -145,7 +182,7 @@ class Hub(Registry):
                 continue
             if sub.row_id is None:
                 sub.close(Ended.TRUNCATED)
-            elif not sub.push(self._gone(feed, sub.row_id, None)):
+            elif not sub.push(self._gone(feed, sub.view, sub.row_id, None)):
                 self.cut(sub)
 
     def dispatch_catch_up(self, feed: Feed, result: CatchUp) -> None:
@@ -155,19 +192,13 @@ class Hub(Registry):
             # reconnects and gets its own reset + snapshot.
             self.close_all(Ended.RESET, feed.name)
             return
-        cursor, read_in = self.cursor, result.snapshot
+        read_in = result.snapshot
         for item in result.items:
             key = (feed.name, item.owner)
             if isinstance(item, Gone):
-                self._publish(key, self._gone(feed, item.id, None, read_in))
+                self._publish(key, self._gone_of(feed, item.id, None, read_in))
             else:
-                update = envelope(
-                    update_frame(feed, item, cursor),
-                    row_id=item.id,
-                    read_in=read_in,
-                    ends_row=item.terminal,
-                )
-                self._publish(key, update)
+                self._publish(key, self._row_of(feed, Through(item), None, read_in))
 
     async def drained(self, feed: str, owners: set[str]) -> None:
         """Wait until every open stream of these owners holds at most half its buffer's
@@ -197,3 +228,19 @@ class Hub(Registry):
                 sub.backlog_since = moment
             elif moment - sub.backlog_since > self.write_timeout:
                 self.cut(sub)
+
+
+class Through:
+    """A row on its way to streams: its JSON decoded once, by the first filtered or
+    selecting view that needs it, for every other."""
+
+    __slots__ = ("_values", "row")
+
+    def __init__(self, row: Row) -> None:
+        self.row = row
+        self._values: dict[str, Any] | None = None
+
+    def values(self) -> dict[str, Any]:
+        if self._values is None:
+            self._values = load_row(self.row.json)
+        return self._values

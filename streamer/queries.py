@@ -10,7 +10,13 @@ FEEDS = (
     " tbl::text as relation, exists (select from pg_index i join pg_attribute a"
     " on a.attrelid = i.indrelid and a.attnum = i.indkey[0] where i.indrelid = f.tbl"
     " and a.attname = f.owner_column and i.indisvalid and i.indpred is null)"
-    " as owner_indexed, f.columns, f.tbl::oid as oid from streamer.feeds f"
+    " as owner_indexed, f.columns, f.tbl::oid as oid, f.owner_claim,"
+    # The types of the columns its events carry, for shaped streams' filters.
+    " (select json_object_agg(a.attname, format_type(a.atttypid, null))::text"
+    " from pg_attribute a where a.attrelid = f.tbl and a.attnum > 0 and not a.attisdropped"
+    " and a.attname not in (f.owner_column, 'streamer_version')"
+    " and (a.attname = any(f.columns) or f.columns is null and a.attname <> 'version'))"
+    " as column_types from streamer.feeds f"
 )
 VISIBLE = "select pg_visible_in_snapshot($1::text::xid8, pg_current_snapshot())"
 
@@ -25,10 +31,14 @@ def owner_in(feed: Feed, param: str) -> str:
     return f'r."{feed.owner_column}" = any({param}::text[]::{feed.owner_type}[])'
 
 
-def rows(feed: Feed, where: str) -> str:
-    """Rows as streams send them, with what the service routes on."""
+def rows(feed: Feed, where: str, matches: str = "true") -> str:
+    """Rows as streams send them, with what the service routes on; a row for which
+    `matches` does not hold comes as no row (a delete, for a shaped stream)."""
+    row = f'streamer."{feed.name}_row"(r)'
+    if matches != "true":
+        row = f"case when {matches} then {row} end"
     return (
-        f'select streamer."{feed.name}_row"(r) as row, r."{feed.owner_column}"::text as owner,'
+        f'select {row} as row, r."{feed.owner_column}"::text as owner,'
         f" r.id::text as id, r.streamer_version as version, {terminal(feed)} as terminal"
         f" from {feed.relation} r where {where}"
     )
@@ -43,12 +53,15 @@ def by_id(feed: Feed) -> str:
     return rows(feed, f"r.id = $1::text::{feed.id_type}")
 
 
-def since(feed: Feed, tombstones: bool) -> str:
+def since(feed: Feed, tombstones: bool, where: str = "true") -> str:
     """Rows of owners $1 at versions >= $2 in version order and, with `tombstones`, the
-    deletes among them, except of a row that is back (then its row says it all)."""
-    changed = rows(feed, f"{owner_in(feed, '$1')} and r.streamer_version >= $2")
+    deletes among them, except of a row that is back (then its row says it all). `where`
+    is a shaped stream's: a snapshot holds only the rows it takes, and a catch-up sends
+    those it no longer takes as deletes."""
+    versions = f"{owner_in(feed, '$1')} and r.streamer_version >= $2"
     if not tombstones:
-        return changed + " order by version"
+        return rows(feed, f"{versions} and {where}") + " order by version"
+    changed = rows(feed, versions, matches=where)
     gone = (
         "select null, t.owner_id, t.row_id, t.version, false from streamer.tombstones t"
         " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2"
@@ -83,3 +96,8 @@ def counts(feed: Feed, cap: int) -> str:
         " where t.feed = $3 and t.owner_id = o.owner and t.version >= $2"
         f" limit {cap:d}) y) as n from unnest($1::text[]) o(owner)"
     )
+
+
+def members(feed: Feed, where: str) -> str:
+    """The ids of owners $1's rows that a shaped stream's `where` takes (parameters from $2)."""
+    return f"select r.id::text from {feed.relation} r where {owner_in(feed, '$1')} and {where}"

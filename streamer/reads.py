@@ -19,6 +19,7 @@ from streamer import queries
 from streamer.changes import VERSION_SCALE, CatchUp, Gone, Row, Snapshot
 from streamer.feeds import Feed
 from streamer.retry import backoff
+from streamer.shapes import EVERYTHING, Shape
 
 BATCH = 1000  # rows a snapshot or catch-up reads (and writes) at a time
 VISIBLE_WITHIN = 5.0  # seconds a commit may take to be visible after it arrived
@@ -31,11 +32,21 @@ Owners = list[tuple[Feed, list[str]]]
 class Reading:
     """A catch-up (or snapshot) being read, one batch at a time."""
 
-    def __init__(self, snapshot: Snapshot, reset: bool, cursor: Any, batch: int) -> None:
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        reset: bool,
+        cursor: Any,
+        batch: int,
+        members: Callable[[], Awaitable[set[str]]] | None = None,
+    ) -> None:
         self.snapshot = snapshot
         self.reset = reset  # the cursor could not be honoured: every row, from the start
+        self._whole = reset  # every row the shape takes (a snapshot), not a catch-up
         self._cursor = cursor
         self._batch = batch
+        self._members = members
+        self._sent: set[str] = set()
 
     async def batches(self) -> AsyncIterator[CatchUp]:
         while records := await self._cursor.fetch(self._batch):
@@ -43,7 +54,16 @@ class Reading:
                 Gone(r["owner"], r["id"], r["version"]) if r["row"] is None else _row(r)
                 for r in records
             ]
+            if self._members is not None and self._whole:
+                self._sent.update(item.id for item in items)
             yield CatchUp(self.snapshot, self.reset, items)
+
+    async def held(self) -> set[str]:
+        """For a filtered shape, once every batch was read: the ids of the rows its client
+        holds now (a snapshot's, or after a catch-up every row the shape takes)."""
+        if self._members is None or self._whole:
+            return self._sent
+        return await self._members()
 
 
 class Reads(Protocol):
@@ -72,14 +92,22 @@ class Reads(Protocol):
         """The row as it is now (read back: it was too big to travel)."""
 
     def since(
-        self, feed: Feed, owner: str, since: int | None, *, visible: int | None = None
+        self,
+        feed: Feed,
+        owners: Sequence[str],
+        since: int | None,
+        *,
+        shape: Shape = EVERYTHING,
+        visible: int | None = None,
     ) -> contextlib.AbstractAsyncContextManager[Reading]:
-        """A stream's own read: what changed for `owner` since the horizon `since` (every
-        row when None, or when `since` cannot be honoured: then `reset`), in a snapshot of
-        its own that sees the transaction `visible`."""
+        """A stream's own read: what changed for `owners` since the horizon `since` (every
+        row when None, or when `since` cannot be honoured: then `reset`) as `shape` takes
+        it, in a snapshot of its own that sees the transaction `visible`."""
 
-    async def one(self, feed: Feed, owner: str, row_id: str) -> tuple[Snapshot, Row | None]:
-        """The row `row_id` if it is `owner`'s, and the snapshot it was read in."""
+    async def one(
+        self, feed: Feed, owners: Sequence[str], row_id: str
+    ) -> tuple[Snapshot, Row | None]:
+        """The row `row_id` if it is one of `owners`', and the snapshot it was read in."""
 
     async def prune(self, feed: Feed, keep_hours: float) -> int:
         """Forget tombstones older than `keep_hours`; how many."""
@@ -143,7 +171,13 @@ class PoolReads:
 
     @contextlib.asynccontextmanager
     async def since(
-        self, feed: Feed, owner: str, since: int | None, *, visible: int | None = None
+        self,
+        feed: Feed,
+        owners: Sequence[str],
+        since: int | None,
+        *,
+        shape: Shape = EVERYTHING,
+        visible: int | None = None,
     ) -> AsyncIterator[Reading]:
         async with self.pool.acquire() as conn:
             if visible is not None:
@@ -153,17 +187,19 @@ class PoolReads:
                 honoured_since = (
                     None if since is None else await honoured(conn, feed, since, snapshot)
                 )
-                read = await _reading(conn, feed, [owner], honoured_since, snapshot)
+                read = await _reading(conn, feed, owners, honoured_since, snapshot, shape)
                 read.reset = since is not None and honoured_since is None
                 yield read
 
-    async def one(self, feed: Feed, owner: str, row_id: str) -> tuple[Snapshot, Row | None]:
+    async def one(
+        self, feed: Feed, owners: Sequence[str], row_id: str
+    ) -> tuple[Snapshot, Row | None]:
         async with (
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = await current_snapshot(conn)
-            record = await conn.fetchrow(queries.one(feed), row_id, [owner])
+            record = await conn.fetchrow(queries.one(feed), row_id, list(owners))
         return snapshot, None if record is None else _row(record)
 
     async def prune(self, feed: Feed, keep_hours: float) -> int:
@@ -219,16 +255,27 @@ async def _reading(
     owners: Sequence[str],
     since: int | None,
     snapshot: Snapshot,
+    shape: Shape = EVERYTHING,
     batch: int = BATCH,
 ) -> Reading:
     """What changed for `owners` since the honoured horizon `since` (None: every row, and
-    the streams reset), inside the REPEATABLE READ transaction whose snapshot is
-    `snapshot`."""
+    the streams reset) as `shape` takes it, inside the REPEATABLE READ transaction whose
+    snapshot is `snapshot`."""
     args: list[object] = [list(owners), 0 if since is None else since * VERSION_SCALE]
     if since is not None:
         args.append(feed.name)
-    cursor = await conn.cursor(queries.since(feed, tombstones=since is not None), *args)
-    return Reading(snapshot, since is None, cursor, batch)
+    where, params = shape.where(len(args) + 1, alias="r")
+    query = queries.since(feed, tombstones=since is not None, where=where)
+    cursor = await conn.cursor(query, *args, *params)
+    members = None
+    if shape.filters:
+        ids_where, ids_params = shape.where(2, alias="r")
+
+        async def members() -> set[str]:
+            found = await conn.fetch(queries.members(feed, ids_where), list(owners), *ids_params)
+            return {record[0] for record in found}
+
+    return Reading(snapshot, since is None, cursor, batch, members)
 
 
 async def visible_to_new_snapshots(conn: asyncpg.Connection, xid: int) -> None:

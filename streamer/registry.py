@@ -15,6 +15,7 @@ from streamer.feeds import Feed
 from streamer.metrics import Metrics
 from streamer.sse import TokenExpiredEvent, frame, now
 from streamer.subscriber import Ended, Key, Subscriber, envelope
+from streamer.views import PLAIN, View
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +77,51 @@ class Registry:
         return found
 
     def subscribers(self) -> Iterable[Subscriber]:
-        for subs in self._by_key.values():
-            yield from subs
+        """Every open stream once (a stream of several owners is held under each)."""
+        for (_, owner), subs in self._by_key.items():
+            for sub in subs:
+                if sub.owners[0] == owner:
+                    yield sub
 
     # -- subscriptions --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def subscription(
-        self, feed: Feed, owner: str, user: str, row_id: str | None, *, expires_at: float
+        self,
+        feed: Feed,
+        owners: str | tuple[str, ...],
+        user: str,
+        row_id: str | None,
+        *,
+        expires_at: float,
+        view: View = PLAIN,
     ) -> AsyncIterator[Subscriber]:
         """A stream's place in the hub for as long as it is open, given once its changes
         flow to this process; at `expires_at` (epoch seconds, the token's `exp`) it gets
         `token-expired` and ends."""
-        sub = self.subscribe(feed, owner, user, row_id)
+        sub = self.subscribe(feed, owners, user, row_id, view)
         loop = asyncio.get_running_loop()
         expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
         delay = max(0.0, expires_at - time.time())
         expiry = loop.call_at(loop.time() + delay, lambda: sub.push(expired))
         try:
-            following = self._following.get(sub.key)
-            if following is not None:
-                await asyncio.shield(following)
+            for key in sub.keys:
+                following = self._following.get(key)
+                if following is not None:
+                    await asyncio.shield(following)
             yield sub
         finally:
             expiry.cancel()
             self.unsubscribe(sub)
 
-    def subscribe(self, feed: Feed, owner: str, user: str, row_id: str | None = None) -> Subscriber:
+    def subscribe(
+        self,
+        feed: Feed,
+        owners: str | tuple[str, ...],
+        user: str,
+        row_id: str | None = None,
+        view: View = PLAIN,
+    ) -> Subscriber:
         if self.stopping:
             raise Unavailable("This server is shutting down; retry shortly.")
         if self.refusing is not None:
@@ -113,30 +132,34 @@ class Registry:
         if self.count >= self.max_streams:
             self.metrics.rejected_streams.labels("per_process").inc()
             raise TooManyStreams("This server has too many open streams; try another.")
-        sub = Subscriber(self, feed, owner, user, row_id)
-        subs = self._by_key.get(sub.key)
-        if subs is None:
-            subs = self._by_key[sub.key] = set()
-            following = self.interest.follow(sub.key)
-            if following is not None:
-                self._following[sub.key] = asyncio.ensure_future(following)
-        subs.add(sub)
+        owners = (owners,) if isinstance(owners, str) else owners
+        sub = Subscriber(self, feed, owners, user, row_id, view)
+        for key in sub.keys:
+            subs = self._by_key.get(key)
+            if subs is None:
+                subs = self._by_key[key] = set()
+                following = self.interest.follow(key)
+                if following is not None:
+                    self._following[key] = asyncio.ensure_future(following)
+            subs.add(sub)
         self._per_user[user] = self._per_user.get(user, 0) + 1
         self.count += 1
         self.metrics.streams_open.inc()
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        subs = self._by_key.get(sub.key)
-        if subs is None or sub not in subs:
+        first = self._by_key.get(sub.keys[0])
+        if first is None or sub not in first:
             return
-        subs.discard(sub)
-        if not subs:
-            del self._by_key[sub.key]
-            self.interest.unfollow(sub.key)
-            following = self._following.pop(sub.key, None)
-            if following is not None and not following.done():
-                following.cancel()
+        for key in sub.keys:
+            subs = self._by_key[key]
+            subs.discard(sub)
+            if not subs:
+                del self._by_key[key]
+                self.interest.unfollow(key)
+                following = self._following.pop(key, None)
+                if following is not None and not following.done():
+                    following.cancel()
         left = self._per_user[sub.user] - 1
         if left:
             self._per_user[sub.user] = left

@@ -88,9 +88,13 @@ def row_frame(
     )
 
 
-def update_frame(feed: Feed, row: Row, cursor: str, timestamp: bytes | None = None) -> bytes:
+def update_frame(
+    feed: Feed, row: Row, cursor: str, timestamp: bytes | None = None, text: str | None = None
+) -> bytes:
+    """The row's update; `text`: its JSON as a shaped stream sends it (default: all of it)."""
     name = f"{feed.event}-update".encode()
-    return row_frame(name, feed.event.encode(), row.json, cursor, timestamp)
+    text = row.json if text is None else text
+    return row_frame(name, feed.event.encode(), text, cursor, timestamp)
 
 
 def deleted_frame(feed: Feed, row_id: str, cursor: str, timestamp: bytes | None = None) -> bytes:

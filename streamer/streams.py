@@ -8,12 +8,14 @@ visibility, so nothing is sent twice or older-after-newer.
 from __future__ import annotations
 
 import asyncio
+import re
+from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, web
 
-from streamer import keys
+from streamer import claims, keys
 from streamer.auth import Principal
-from streamer.changes import NOTHING, Snapshot, parse_cursor
+from streamer.changes import NOTHING, Gone, Row, Snapshot, parse_cursor
 from streamer.errors import (
     CONNECTION_ERRORS,
     InvalidCursor,
@@ -22,18 +24,20 @@ from streamer.errors import (
     Unavailable,
 )
 from streamer.feeds import Feed
+from streamer.shapes import parse_shape
 from streamer.sse import (
     ResetEvent,
     Sink,
     SyncedEvent,
+    deleted_frame,
     frame,
-    item_frame,
     now,
     retry_frame,
     timestamp_now,
     update_frame,
 )
 from streamer.subscriber import Ended, Subscriber
+from streamer.views import KEY_LENGTH, View, split_cursor, view
 
 SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
 SSE_HEADERS = {
@@ -41,6 +45,7 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",
 }
+_VIEW_KEY = re.compile(rf"\.[0-9a-f]{{{KEY_LENGTH}}}")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
@@ -74,17 +79,20 @@ def _raw_cursor(request: web.Request) -> tuple[str, str] | None:
     return None
 
 
-def _cursor(request: web.Request) -> int | None:
+def _cursor(request: web.Request) -> tuple[int, str] | None:
+    """The cursor the client sent, and the suffix that names its view."""
     given = _raw_cursor(request)
     if given is None:
         return None
     where, raw = given
+    number, suffix = split_cursor(raw)
     try:
-        return parse_cursor(raw)
+        if suffix and not _VIEW_KEY.fullmatch(suffix):
+            raise InvalidCursor()
+        return parse_cursor(number), suffix
     except InvalidCursor:
         raise InvalidCursor(
-            f"{where} is not a cursor this server issued (a number from an event's id:),"
-            f" it is {_shown(raw)}."
+            f"{where} is not a cursor this server issued (an event's id:), it is {_shown(raw)}."
         ) from None
 
 
@@ -95,13 +103,13 @@ def _feed(request: web.Request) -> Feed:
     return feed
 
 
-async def _caller(request: web.Request) -> tuple[Principal, Feed, str]:
+async def _caller(request: web.Request) -> tuple[Principal, Feed, tuple[str, ...]]:
     """Who asks (before anything else: not even which feeds exist is told to strangers),
-    of which feed, and the owner they are in it (a sub that no owner of it can be is
-    TOKEN_INVALID)."""
+    of which feed, and the owners whose rows they may see in it (a sub that no owner of it
+    can be is TOKEN_INVALID; a token without the feed's owner claim, FORBIDDEN)."""
     principal = await request.app[keys.AUTH].authenticate(request)
     feed = _feed(request)
-    return principal, feed, principal.owner(feed.owner_type)
+    return principal, feed, claims.owners(principal, feed)
 
 
 async def _open(request: web.Request) -> web.StreamResponse:
@@ -113,7 +121,9 @@ async def _open(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
+async def _live(
+    request: web.Request, sub: Subscriber, seen: Snapshot, held: set[str] | None = None
+) -> Ended:
     """Hand the connection to the hub, which writes every later event straight into it,
     and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
     TRUNCATE, the feed disabled, a shutdown, or the client leaving (then aiohttp cancels
@@ -125,7 +135,7 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
         return Ended.GONE
     backlog = request.app[keys.HUB].buffer_limit // 2
     sink = Sink(transport, request.version >= HttpVersion11, request.writer.drain, backlog=backlog)
-    sub.go_live(sink, seen)
+    sub.go_live(sink, seen, held)
     return await sub.ended
 
 
@@ -143,37 +153,57 @@ async def _send(request: web.Request, response: web.StreamResponse, data: bytes)
         raise ConnectionResetError("the client stopped reading during a catch-up") from None
 
 
+@dataclass(frozen=True, slots=True)
+class Asked:
+    """What a stream of every row asks for: whose rows, through which view."""
+
+    feed: Feed
+    owners: tuple[str, ...]
+    view: View
+
+    def frame(self, item: Row | Gone, cursor: str, stamp: bytes) -> bytes:
+        if isinstance(item, Gone):
+            return deleted_frame(self.feed, item.id, cursor, stamp)
+        return update_frame(self.feed, item, cursor, stamp, text=self.view.text(item))
+
+
 async def _write_since(
     request: web.Request,
     response: web.StreamResponse | None,
-    feed: Feed,
-    owner: str,
+    asked: Asked,
     since: int | None,
+    *,
     reset: bool,
-) -> tuple[web.StreamResponse, Snapshot]:
+    truncated: bool,
+) -> tuple[web.StreamResponse, Snapshot, set[str]]:
     """Write the caller's catch-up (or snapshot) as it is read, a batch at a time in the
     read's own snapshot: each batch is written and drained before the next is fetched, so
     the client's pace sets the reader's, and what the stream holds is one batch however
     many rows the caller has. Opens the response once the first batch is in (a database
-    that cannot be read is a 503 then, not a broken stream)."""
+    that cannot be read is a 503 then, not a broken stream). Returns the response, the
+    read's snapshot and, for a filtered view, the rows its client now holds."""
+    feed, view = asked.feed, asked.view
     # From the WAL a TRUNCATE can come a moment before a new snapshot sees it.
-    visible = request.app[keys.HUB].truncated_by.get(feed.name) if reset else None
+    visible = request.app[keys.HUB].truncated_by.get(feed.name) if truncated else None
+    reads = request.app[keys.READS]
     try:
-        async with request.app[keys.READS].since(feed, owner, since, visible=visible) as read:
+        async with reads.since(
+            feed, asked.owners, since, shape=view.shape, visible=visible
+        ) as read:
             resumed = since is not None and not read.reset
-            cursor = str(since) if resumed else SNAPSHOT_CURSOR
+            cursor = view.cursor(str(since) if resumed else SNAPSHOT_CURSOR)
             batches = read.batches()
             part = await anext(batches, None)
             if response is None:
                 response = await _open(request)
-            if reset or read.reset:
+            if reset or truncated or read.reset:
                 await response.write(frame(ResetEvent(timestamp=now())))
             while part is not None:
                 stamp = timestamp_now()
-                data = b"".join(item_frame(feed, i, cursor, stamp) for i in part.items)
+                data = b"".join(asked.frame(i, cursor, stamp) for i in part.items)
                 await _send(request, response, data)
                 part = await anext(batches, None)
-            return response, read.snapshot
+            return response, read.snapshot, await read.held()
     except CONNECTION_ERRORS as exc:
         if response is None or not response.prepared:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
@@ -181,51 +211,62 @@ async def _write_since(
 
 
 async def feed_events(request: web.Request) -> web.StreamResponse:
-    """GET /api/{feed}/events: every row of the caller, live, resumable by cursor.
+    """GET /api/{feed}/events: every row of the caller (that its shape takes), live,
+    resumable by cursor.
 
     After a TRUNCATE of the table the stream starts over in place: `reset`, a fresh
     snapshot, `synced`, live again."""
-    principal, feed, owner = await _caller(request)
-    since = _cursor(request)
+    principal, feed, owners = await _caller(request)
+    shape = parse_shape(request.query.items(), feed.column_types)
+    asked = Asked(feed, owners, view(shape, owners, claimed=feed.owner_claim is not None))
+    cursor = _cursor(request)
+    since = None if cursor is None else cursor[0]
+    # A cursor of another view: its client's rows are another set. Start over.
+    reset = cursor is not None and cursor[1] != asked.view.suffix
+    if reset:
+        since = None
     snapshot = _flag(request, "snapshot")
     hub = request.app[keys.HUB]
     response: web.StreamResponse | None = None
     truncated = False
     while True:
         subscription = hub.subscription(
-            feed, owner, principal.subject, None, expires_at=principal.expires_at
+            feed, owners, principal.subject, None, expires_at=principal.expires_at, view=asked.view
         )
         async with subscription as sub:
             try:
-                if since is not None or snapshot or truncated:
-                    response, seen = await _write_since(
-                        request, response, feed, owner, since, truncated
+                held: set[str] = set()
+                if since is not None or snapshot or truncated or reset:
+                    response, seen, held = await _write_since(
+                        request, response, asked, since, reset=reset, truncated=truncated
                     )
                 else:
                     # Nothing to read: the stream is live from its subscription on, and
                     # everything not yet dispatched is at or above the hub's watermark.
+                    # (A filtered stream without a snapshot holds nothing yet.)
                     seen = NOTHING
                     if response is None:
                         response = await _open(request)
                 synced_at = seen.cursor if seen is not NOTHING else hub.cursor
-                await response.write(frame(SyncedEvent(timestamp=now()), synced_at))
-                if await _live(request, sub, seen) is not Ended.TRUNCATED:
+                synced = frame(SyncedEvent(timestamp=now()), asked.view.cursor(synced_at))
+                await response.write(synced)
+                if await _live(request, sub, seen, held) is not Ended.TRUNCATED:
                     return response
             except ConnectionResetError:
                 return web.Response()  # the client left during set-up: nothing to answer
-        since, truncated = None, True
+        since, truncated, reset = None, True, False
 
 
 async def row_events(request: web.Request) -> web.StreamResponse:
     """GET /api/{feed}/{id}/events: one row's state, then its updates until the end."""
-    principal, feed, owner = await _caller(request)
+    principal, feed, owners = await _caller(request)
     row_id = feed.parse_id(request.match_info["id"])
     subscription = request.app[keys.HUB].subscription(
-        feed, owner, principal.subject, row_id, expires_at=principal.expires_at
+        feed, owners, principal.subject, row_id, expires_at=principal.expires_at
     )
     async with subscription as sub:
         try:
-            seen, row = await request.app[keys.READS].one(feed, owner, row_id)
+            seen, row = await request.app[keys.READS].one(feed, owners, row_id)
         except CONNECTION_ERRORS as exc:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         reconnect = _raw_cursor(request) is not None

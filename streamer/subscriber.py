@@ -11,6 +11,7 @@ from typing import Protocol
 from streamer.changes import Snapshot
 from streamer.feeds import Feed
 from streamer.sse import Message, Sink
+from streamer.views import PLAIN, View
 
 Key = tuple[str, str]  # (feed, owner)
 
@@ -48,6 +49,9 @@ class Envelope:
     read_in: Snapshot | None = None
     ends_row: bool = False  # a terminal state or a delete: a one-row stream ends after it
     closes: bool = False  # every stream ends after it (token-expired)
+    # A row leaving a filtered view (deleted, moved or no longer matching): sent only to a
+    # stream that holds it. Any other row event of a filtered view adds the row.
+    leaves: bool = False
 
 
 def envelope(
@@ -58,8 +62,9 @@ def envelope(
     read_in: Snapshot | None = None,
     ends_row: bool = False,
     closes: bool = False,
+    leaves: bool = False,
 ) -> Envelope:
-    return Envelope(Message(data), row_id, xid, read_in, ends_row, closes)
+    return Envelope(Message(data), row_id, xid, read_in, ends_row, closes, leaves)
 
 
 class Subscriber:
@@ -74,6 +79,7 @@ class Subscriber:
     """
 
     __slots__ = (
+        "_held",
         "_last",
         "_pending",
         "_queue",
@@ -85,19 +91,30 @@ class Subscriber:
         "dropped",
         "ended",
         "feed",
-        "owner",
+        "owners",
         "row_id",
         "user",
+        "view",
     )
 
     def __init__(
-        self, registry: Holder, feed: Feed, owner: str, user: str, row_id: str | None
+        self,
+        registry: Holder,
+        feed: Feed,
+        owners: tuple[str, ...],
+        user: str,
+        row_id: str | None,
+        view: View = PLAIN,
     ) -> None:
         self._registry = registry
         self.feed = feed
-        self.owner = owner
+        self.owners = owners  # sorted: the sub, or the owners of the token's claim
         self.user = user  # the token's subject: the per-user limit counts across feeds
         self.row_id = row_id
+        self.view = view
+        # The ids of the rows its client holds, for a filtered view (None otherwise): known
+        # once its read of the database is done (go_live).
+        self._held: set[str] | None = None
         self._queue: list[Envelope] | None = []
         self._pending: list[Message] | None = None
         self._sink: Sink | None = None
@@ -109,8 +126,8 @@ class Subscriber:
         self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
 
     @property
-    def key(self) -> Key:
-        return (self.feed.name, self.owner)
+    def keys(self) -> tuple[Key, ...]:
+        return tuple((self.feed.name, owner) for owner in self.owners)
 
     def push(self, envelope: Envelope) -> bool:
         """Take an envelope; False when it overflowed the set-up queue and the stream was cut."""
@@ -135,6 +152,14 @@ class Subscriber:
                 return  # already in what this stream read from the database
             if envelope.read_in is not None and seen.covers(envelope.read_in):
                 return  # a dispatcher's catch-up older than this stream's own read
+        held = self._held
+        if held is not None and envelope.row_id is not None:
+            if envelope.leaves:
+                if envelope.row_id not in held:
+                    return  # a row its client does not have
+                held.discard(envelope.row_id)
+            else:
+                held.add(envelope.row_id)
         if self._pending is None:
             self._pending = [envelope.message]
             self._registry.mark_pending(self)
@@ -143,12 +168,14 @@ class Subscriber:
         if envelope.closes or (self.row_id is not None and envelope.ends_row):
             self._last = True
 
-    def go_live(self, sink: Sink, seen: Snapshot) -> None:
+    def go_live(self, sink: Sink, seen: Snapshot, held: set[str] | None = None) -> None:
         """From now on write into `sink`; first what queued during set-up, except what the
-        stream's own read of the database (`seen`) already covered."""
+        stream's own read of the database (`seen`) already covered. `held`: the rows of a
+        filtered view its client holds after that read."""
         queue, self._queue = self._queue, None
         self._sink = sink
         self._seen = seen if seen.xmax else None
+        self._held = held if self.view.filtered else None
         for envelope in queue or ():
             self._write(envelope)
             if self._last:

@@ -76,8 +76,8 @@ async def test_a_bad_cursor_names_where_it_came_from_and_what_it_was(service: Se
     body = await bad_request(service, {"last_event_id": "-1"})
     assert (body["code"], body["error"]) == (
         "INVALID_CURSOR",
-        "The last_event_id parameter is not a cursor this server issued (a number from an"
-        " event's id:), it is '-1'.",
+        "The last_event_id parameter is not a cursor this server issued (an event's id:),"
+        " it is '-1'.",
     )
     body = await bad_request(service, {}, **{"Last-Event-ID": "x" * 100})
     assert body["error"].startswith("The Last-Event-ID header is not a cursor")

@@ -122,7 +122,7 @@ async def test_select_sends_only_those_columns_and_id_and_version(
     async with open_stream(
         service.session, service.url(EVENTS), token_for(user), params=params
     ) as s:
-        first = [e for e in s.events if e.name == "file-update"][0]
+        first = next(e for e in s.events if e.name == "file-update")
         assert set(first.file) == {"id", "version", "status", "progress"}
         await db.execute("update files set progress = 40 where id = $1", file_id)
         update = await s.next()
@@ -131,7 +131,7 @@ async def test_select_sends_only_those_columns_and_id_and_version(
 
 
 async def test_a_resume_under_the_same_shape_loses_nothing_and_another_shape_resets(
-    service: Service, db: asyncpg.Connection, user: uuid.UUID
+    service: Service, db: asyncpg.Connection, owner_db: asyncpg.Connection, user: uuid.UUID
 ) -> None:
     a = await insert_file(db, user, "a.pdf")
     b = await insert_file(db, user, "b.pdf", status="processing")
@@ -154,7 +154,7 @@ async def test_a_resume_under_the_same_shape_loses_nothing_and_another_shape_res
         assert "reset" not in [e.name for e in s.events]
         apply(state, s)
         assert {k: _plain(v) for k, v in state.items()} == {
-            k: _plain(v) for k, v in (await expected(db, user, IN_PROGRESS)).items()
+            k: _plain(v) for k, v in (await expected(owner_db, user, IN_PROGRESS)).items()
         }
     # The same cursor under another filter, or another select: reset, then that snapshot.
     for other in ({"status": "eq.failed"}, {**IN_PROGRESS, "select": "status"}, {}):
@@ -165,7 +165,7 @@ async def test_a_resume_under_the_same_shape_loses_nothing_and_another_shape_res
             assert names[0] == "reset", (other, names)
             got: dict[str, dict[str, Any]] = {}
             apply(got, s)
-            want = await expected(db, user, other)
+            want = await expected(owner_db, user, other)
             assert {k: _plain(v) for k, v in got.items()} == {k: _plain(v) for k, v in want.items()}
 
 
@@ -220,11 +220,15 @@ async def test_a_recovery_after_the_change_connection_was_lost_honours_the_shape
         await db.execute("update files set status = 'processing' where id = $1", b)
         await insert_file(db, user, "c.pdf", status="failed")
         await wait_until(lambda: dispatcher.ready.is_set())
-        await holds(s, await expected(db, user, IN_PROGRESS))
+        await holds(s, await expected(owner_db, user, IN_PROGRESS))
 
 
 async def test_random_filters_and_writes_every_stream_ends_as_select_where(
-    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+    service: Service,
+    db: asyncpg.Connection,
+    owner_db: asyncpg.Connection,
+    user: uuid.UUID,
+    other_user: uuid.UUID,
 ) -> None:
     """Random shapes (every operator, not., several ANDed) over random inserts, updates,
     changes of owner and deletes; half-way, each stream is resumed under its own shape or
@@ -304,7 +308,7 @@ async def test_random_filters_and_writes_every_stream_ends_as_select_where(
     for query in shapes:
         async with open_stream(service.session, url, token, params={**query, "snapshot": "1"}) as s:
             await write(8)
-            state = await holds(s, await expected(db, user, query))
+            state = await holds(s, await expected(owner_db, user, query))
             assert s.last_id is not None
             held.append((state, s.last_id))
     await write(15)
@@ -317,4 +321,4 @@ async def test_random_filters_and_writes_every_stream_ends_as_select_where(
         ) as s:
             assert (s.events[0].name == "reset") == (under is not query or under == {}), n
             await write(6)
-            await holds(s, await expected(db, user, under), state)
+            await holds(s, await expected(owner_db, user, under), state)

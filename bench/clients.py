@@ -199,6 +199,8 @@ class ClientSpec:
     path: str
     streams: list[tuple[int, str]]  # (stream index, token), opened in this order
     out_dir: str
+    # Stream i asks for path?queries[i % len(queries)] (a shaped stream), when given.
+    queries: tuple[str, ...] = ()
 
 
 class SseClient:
@@ -250,8 +252,12 @@ class SseClient:
         started = now_ns()
 
         async def one(index: int, token: str) -> None:
+            queries = self.spec.queries
+            path = self.spec.path
+            if queries:
+                path += "?" + queries[index % len(queries)]
             request = (
-                f"GET {self.spec.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.spec.port}\r\n"
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.spec.port}\r\n"
                 f"Authorization: Bearer {token}\r\n{BROWSER_HEADERS}\r\n"
             ).encode()
             async with gate:

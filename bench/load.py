@@ -82,19 +82,21 @@ class Receivers:
         port: int | list[int],
         processes: int,
         out_dir: str,
-        query: str = "",
+        query: str | tuple[str, ...] = "",
     ) -> Receivers:
         """Stream i on client process i % processes, which connects to `port` (of a list:
-        the one at its own index modulo its length, as to the nodes of a fleet)."""
+        the one at its own index modulo its length, as to the nodes of a fleet), asking for
+        `query` (of a tuple: the one at its index modulo its length)."""
         ports = port if isinstance(port, list) else [port]
-        path = STREAM_PATH + (f"?{query}" if query else "")
+        queries = query if isinstance(query, tuple) else ()
+        path = STREAM_PATH + (f"?{query}" if isinstance(query, str) and query else "")
         remotes = []
         for p in range(processes):
             mine = [
                 (int(i), population.tokens[int(stream_user[i])])
                 for i in range(p, len(stream_user), processes)
             ]
-            spec = ClientSpec(f"{name}-{p}", ports[p % len(ports)], path, mine, out_dir)
+            spec = ClientSpec(f"{name}-{p}", ports[p % len(ports)], path, mine, out_dir, queries)
             remotes.append(Remote(f"client-{name}-{p}", client_main, spec))
         return cls(name, remotes, stream_user)
 

@@ -43,7 +43,7 @@ def running(
     tabs: int,
     *,
     processes: int = 2,
-    query: str = "",
+    query: str | tuple[str, ...] = "",
     heartbeat: float = 30.0,
 ) -> Iterator[tuple[ServerProcess | None, Receivers]]:
     """The design's server (none for the floor) and its receivers, stopped on exit."""

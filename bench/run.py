@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import big_user, capacity, fanout, fleet, latency, report, sources, writer_cost
+from bench import big_user, capacity, fanout, fleet, latency, report, shapes, sources, writer_cost
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import REPO, Interrupted, Postgres, cleanup, install_signal_handlers
@@ -37,6 +37,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "sources": sources.run,
     "big_user": big_user.run,
     "fleet": fleet.run,
+    "shapes": shapes.run,
 }
 POPULATION = 1000  # users, each with one row: enough for every scenario
 WRITER_CONNECTIONS = 8

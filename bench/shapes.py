@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+
 from bench.harness import SECRET, start_service
 from bench.load import TOKEN_TTL, Context
 from bench.phase import measure, running
@@ -83,7 +85,7 @@ def _import(ctx: Context, user: uuid.UUID, rows: int) -> None:
     with ctx.pg.connect() as conn:
         conn.execute(
             "insert into files (user_id, filename, status)"
-            " select %s, 'big-' || n || '.csv', case when n % 100 = 0 then 'failed'"
+            " select %s, 'big-' || n || '.csv', case when n %% 100 = 0 then 'failed'"
             " else 'ready' end from generate_series(1, %s) n",
             (user, rows),
         )
@@ -98,9 +100,12 @@ def _plan(ctx: Context, user: uuid.UUID) -> str:
     with ctx.pg.connect() as conn:
         conn.execute("set plan_cache_mode = force_generic_plan")
         conn.execute(f"prepare shaped(text[], bigint, text) as {sql}")
-        rows = conn.execute(
-            "explain (format json) execute shaped(%s, 0, %s)", ([str(user)], *params)
-        ).fetchall()
+        # EXECUTE takes no bound parameters: the values are quoted in by the client.
+        rows = (
+            psycopg.ClientCursor(conn)
+            .execute("explain (format json) execute shaped(%s, 0, %s)", ([str(user)], *params))
+            .fetchall()
+        )
         conn.execute("deallocate shaped")
     return _scans(rows[0][0][0]["Plan"])
 

@@ -21,7 +21,7 @@ from streamer.feeds import Feed
 from streamer.metrics import Metrics
 from streamer.registry import Registry
 from streamer.shapes import load_row
-from streamer.sse import HeartbeatEvent, deleted_frame, frame, now, update_frame
+from streamer.sse import HeartbeatEvent, deleted_frame, frame, now, timestamp_now, update_frame
 from streamer.subscriber import Ended, Envelope, Key, envelope
 from streamer.views import View
 
@@ -150,7 +150,7 @@ class Hub(Registry):
             return self._gone(feed, view, row.row.id, xid, read_in)
         text = row.row.json if view.plain else view.text(row.row, row.values())
         return envelope(
-            update_frame(feed, row.row, view.cursor(self.cursor), text=text),
+            update_frame(feed, row.row, view.cursor(self.cursor), row.stamp(), text=text),
             row_id=row.row.id,
             xid=xid,
             read_in=read_in,
@@ -234,11 +234,18 @@ class Through:
     """A row on its way to streams: its JSON decoded once, by the first filtered or
     selecting view that needs it, for every other."""
 
-    __slots__ = ("_values", "row")
+    __slots__ = ("_stamp", "_values", "row")
 
     def __init__(self, row: Row) -> None:
         self.row = row
         self._values: dict[str, Any] | None = None
+        self._stamp: bytes | None = None
+
+    def stamp(self) -> bytes:
+        """The events' timestamp: one for every view of this change."""
+        if self._stamp is None:
+            self._stamp = timestamp_now()
+        return self._stamp
 
     def values(self) -> dict[str, Any]:
         if self._values is None:

@@ -37,16 +37,19 @@ function shapeParams(filter, select) {
   if (filter != null) {
     const proto = typeof filter === "object" ? Object.getPrototypeOf(filter) : undefined;
     if (proto !== Object.prototype && proto !== null) {
-      throw new TypeError('filter must be an object of column → expression: { status: "eq.ready" }');
+      throw new TypeError(
+        'filter must be an object of column → expression: { status: "eq.ready" }',
+      );
     }
     for (const [column, value] of Object.entries(filter)) {
       if (column === "") throw new TypeError("filter names an empty column");
       if (RESERVED.has(column)) {
-        throw new TypeError(`filter cannot use the column name "${column}": the stream takes it itself`);
+        throw new TypeError(`"${column}" is the stream's own parameter, not a column to filter`);
       }
-      if (value === undefined) continue; // left out, as in a conditional { status: tab || undefined }
+      if (value === undefined) continue; // left out: { status: tab === "all" ? undefined : … }
       const expressions = Array.isArray(value) ? value : [value];
-      if (expressions.length === 0 || !expressions.every((e) => typeof e === "string" && e !== "")) {
+      const valid = expressions.every((e) => typeof e === "string" && e !== "");
+      if (expressions.length === 0 || !valid) {
         throw new TypeError(
           `filter.${column} must be a PostgREST expression such as "eq.ready" or "is.null", ` +
             "or an array of them",
@@ -58,7 +61,9 @@ function shapeParams(filter, select) {
   if (select != null) {
     const names = Array.isArray(select) && select.length > 0 && select;
     if (!names || !names.every((name) => typeof name === "string" && name !== "")) {
-      throw new TypeError('select must be a non-empty array of column names: ["status", "progress"]');
+      throw new TypeError(
+        'select must be a non-empty array of column names: ["status", "progress"]',
+      );
     }
     const listed = names.find((name) => name.includes(","));
     if (listed) throw new TypeError(`select names one column per item, not "${listed}"`);

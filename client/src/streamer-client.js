@@ -24,7 +24,7 @@ const TOMBSTONES = 1000;
 // Query parameters of the stream itself, which no filter may take as a column's name.
 const RESERVED = new Set(["snapshot", "last_event_id", "access_token", "select"]);
 // Refusals that the same request can never get past: the store closes for good.
-const HOPELESS = new Set(["INVALID_FILTER", "FORBIDDEN"]);
+const HOPELESS = new Set(["INVALID_FILTER", "FORBIDDEN", "INVALID_ID"]);
 
 export const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000 });
 

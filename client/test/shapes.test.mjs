@@ -180,18 +180,21 @@ describe("a refused stream", () => {
     unsubscribe();
   });
 
-  test("FORBIDDEN ends watching one row too", async () => {
-    const EventSourceImpl = fakeEventSource();
-    const fetchImpl = fakeFetch(refusal(403, "FORBIDDEN", "No org_id claim."));
-    const values = [];
-    const store = watchFile({ id: "f1", EventSourceImpl, fetchImpl });
-    const stop = store.subscribe((value) => values.push(value));
-    await settle();
-    EventSourceImpl.last.fail(2);
-    await settle();
-    assert.equal(values.at(-1).status, "closed");
-    assert.equal(values.at(-1).errorCode, "FORBIDDEN");
-    stop();
+  test("FORBIDDEN and INVALID_ID end watching one row", async () => {
+    for (const [status, code] of [[403, "FORBIDDEN"], [400, "INVALID_ID"]]) {
+      const EventSourceImpl = fakeEventSource();
+      const fetchImpl = fakeFetch(refusal(status, code, "Refused."));
+      const values = [];
+      const store = watchFile({ id: "f1", EventSourceImpl, fetchImpl });
+      const stop = store.subscribe((value) => values.push(value));
+      await settle();
+      EventSourceImpl.last.fail(2);
+      await settle();
+      assert.equal(values.at(-1).status, "closed");
+      assert.equal(values.at(-1).errorCode, code);
+      assert.equal(values.at(-1).error, "Refused");
+      stop();
+    }
   });
 
   test("a refusal retrying can cure keeps reconnecting, saying what the server said", async (t) => {

@@ -334,7 +334,10 @@ export declare function connectFeed<
   Column extends keyof Row & string = keyof Row & string,
 >(options?: ConnectFeedOptions<Row, Column>): FeedStore<Selected<Row, Column>>;
 
-/** One row of a feed until `terminal(row)` or its deletion; then status "closed", for good. */
+/**
+ * One row of a feed until `terminal(row)` or its deletion; then status "closed", for good.
+ * So too after a 400 `INVALID_ID` or a 403 `FORBIDDEN`, with the server's sentence in `error`.
+ */
 export declare function watchRow<Row extends FeedRow = StreamedFile>(
   options: WatchRowOptions<Row>,
 ): RowStore<Row>;

@@ -148,8 +148,9 @@ def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 class Page:
     """The demo page as a user sees it, read through the DOM's data attributes."""
 
-    def __init__(self, driver: Any) -> None:
+    def __init__(self, driver: Any, base: str = "") -> None:
         self.driver = driver
+        self.base = base
 
     async def open(self, url: str) -> None:
         await asyncio.to_thread(self.driver.get, url)
@@ -349,3 +350,41 @@ async def test_a_page_whose_token_expires_renews_it_and_resumes_from_its_cursor(
     assert renewed["status"] == "200" and renewed["query"] and not renewed["header"], renewed
     await db.execute("update files set progress = 45 where id = $1", file_id)
     await page.shows(await states(db, file_id), "a change after the renewal")
+
+
+# In the demo page, a store of the client the service serves, followed until it has an
+# errorCode: that value's status, error and errorCode.
+FOLLOW = """
+const [kind, args, token, done] = arguments;
+const client = await import("/static/streamer-client.js");
+const getToken = token
+  ? async () => token
+  : async () => (await (await fetch("/demo/token", { cache: "no-store" })).json()).token;
+const backoff = { initial: 50, max: 50 };
+const stop = client[kind]({ ...args, getToken, backoff }).subscribe((value) => {
+  if (value.errorCode === null) return;
+  queueMicrotask(() => stop());
+  done({ status: value.status, error: value.error, errorCode: value.errorCode });
+});
+"""
+
+
+async def refusal(page: Page, kind: str, token: str | None = None, **args: Any) -> Any:
+    await page.open(page.base + "/demo/")
+    return await asyncio.to_thread(page.driver.execute_async_script, FOLLOW, kind, args, token)
+
+
+async def test_a_stream_refused_for_good_closes_the_store_with_the_servers_reason(
+    demo: DemoService, browser: Any
+):
+    # EventSource shows no status: the client asks the refused URL again with fetch.
+    value = await refusal(Page(browser, demo.base), "watchFile", id="not-a-uuid")
+    assert value["status"] == "closed" and value["errorCode"] == "INVALID_ID", value
+    assert value["error"] == "The id is not a UUID", value  # the server's sentence, as it is
+
+
+async def test_a_refused_stream_that_may_pass_later_keeps_retrying_and_says_why(
+    demo: DemoService, browser: Any
+):
+    value = await refusal(Page(browser, demo.base), "connectFiles", token="not-a-jwt")
+    assert value["status"] == "reconnecting" and value["errorCode"] == "TOKEN_INVALID", value

@@ -8,7 +8,8 @@ would wait for a free connection). The node that reads is SIGKILLed while they a
 the other reads instead, the tabs it served come back through the other node with what was
 written meanwhile. Then the broker is SIGKILLed: the tabs stay open, and once the stack
 has restarted it they catch up with what was written while it was gone. Every tab ends
-with exactly the database's rows.
+with exactly the database's rows. The files page's tabs but "All" are streams the server
+filters: each shows exactly its files, as they come and go.
 """
 
 from __future__ import annotations
@@ -130,6 +131,16 @@ class Tabs:
             differ = [(i, s, rows) for i, (s, rows) in enumerate(seen) if rows != expected]
             raise AssertionError(f"{exc}: the database has {expected}; tabs: {differ}") from None
 
+    def choose(self, label: str) -> None:
+        """Click the files page's tab of that label."""
+        clicked = self.driver.execute_script(
+            "const tab = [...document.querySelectorAll('.filters button')]"
+            ".find((button) => button.textContent.trim() === arguments[0]);"
+            "tab?.click(); return Boolean(tab)",
+            label,
+        )
+        assert clicked, f"no tab {label!r} on the page"
+
     def keep_one(self) -> None:
         """Close every tab but one, which comes to the front (a hidden tab's animations
         never end: its timeline stands still)."""
@@ -166,12 +177,16 @@ class Tabs:
         return [e for e in entries if e["level"] == "SEVERE" and "/api/" not in e["message"]]
 
 
-async def database_rows(db: asyncpg.Connection, user: uuid.UUID) -> dict[str, dict[str, str]]:
-    """What every tab should show: the user's rows as the database has them now."""
+async def database_rows(
+    db: asyncpg.Connection, user: uuid.UUID, *statuses: str
+) -> dict[str, dict[str, str]]:
+    """What every tab should show: the user's rows (of these statuses, if given) as the
+    database has them now."""
     rows = await db.fetch(
         "select id, status, progress, streamer_version as version, filename from files"
-        " where user_id = $1",
+        " where user_id = $1 and (cardinality($2::text[]) = 0 or status = any($2))",
         user,
+        list(statuses),
     )
     return {
         str(row["id"]): {
@@ -357,6 +372,53 @@ async def test_a_files_page_follows_one_file_until_it_is_ready(
     assert activity == ["pending", "processing", "ready"]
     assert tabs.problems() == []
     tabs.screenshot("production-file.png")
+
+
+async def test_the_in_progress_and_failed_tabs_show_exactly_their_files_as_they_come_and_go(
+    stack: Stack, browser: Any, db: asyncpg.Connection
+) -> None:
+    user = uuid.uuid4()
+    await insert_file(db, user, "invoice-7.pdf")
+    holiday = await insert_file(
+        db, user, "holiday.mov", status="processing", progress=40, processing_stage="transcoding"
+    )
+    await insert_file(db, user, "team-photo.jpg", status="ready", progress=100)
+    await insert_file(db, user, "backup.zip", status="failed", error_message="corrupt")
+    await insert_file(db, uuid.uuid4(), "someone-elses.pdf", status="processing")
+    tabs = Tabs(browser, stack)
+    tabs.sign_in(token_for(user))
+    tabs.all_show(await database_rows(db, user), "every file under All")
+
+    tabs.choose("In progress")
+    in_progress = ("pending", "processing")
+    tabs.all_show(await database_rows(db, user, *in_progress), "only the files in progress")
+    # A file that is ready leaves the tab; a new upload arrives in it.
+    await db.execute(
+        "update files set status = 'ready', progress = 100, processing_stage = null where id = $1",
+        holiday,
+    )
+    await insert_file(db, user, "new-row.csv", file_type="text/csv")
+    tabs.all_show(await database_rows(db, user, *in_progress), "holiday.mov gone once ready")
+
+    tabs.choose("Failed")
+    tabs.all_show(await database_rows(db, user, "failed"), "only the failed files")
+    await db.execute(
+        "update files set status = 'failed', error_message = 'password-protected'"
+        " where user_id = $1 and filename = 'invoice-7.pdf'",
+        user,
+    )
+    tabs.all_show(await database_rows(db, user, "failed"), "a file that failed since")
+
+    # Only the tab shown streams, beside All's stream for the counts: In progress closed.
+    async with aiohttp.ClientSession() as session:
+
+        async def two_streams_open() -> bool:
+            return sum([await streams_open(stack, session, node) for node in (0, 1)]) == 2
+
+        await wait_until(two_streams_open, timeout=WAIT)
+    tabs.choose("All")
+    tabs.all_show(await database_rows(db, user), "every file under All again")
+    assert tabs.problems() == []
 
 
 def test_a_node_that_dies_again_before_it_serves_stops_the_stack_instead_of_looping(

@@ -11,6 +11,9 @@
 //   // Any other table enabled with streamer.enable_feed('jobs', ..., event => 'job'):
 //   const jobs = connectFeed({ feed: "jobs", event: "job", getToken: () => fetchMyJwt() });
 //   jobs.subscribe(({ rows, status }) => render(rows, status));
+//   // Only some rows, and only some columns (id and version always come):
+//   const active = connectFeed({ filter: { status: "in.(pending,processing)" },
+//                                select: ["filename", "status", "progress"] });
 
 const CONNECTING = 0;
 const CLOSED = 2;
@@ -18,8 +21,56 @@ const FILES = "files";
 const FILE_TERMINAL = new Set(["ready", "failed"]);
 // Enough to stop a late repeat from resurrecting a deleted row, without growing forever.
 const TOMBSTONES = 1000;
+// Query parameters of the stream itself, which no filter may take as a column's name.
+const RESERVED = new Set(["snapshot", "last_event_id", "access_token", "select"]);
+// Refusals that the same request can never get past: the store closes for good.
+const HOPELESS = new Set(["INVALID_FILTER", "FORBIDDEN", "INVALID_ID"]);
 
 export const DEFAULT_BACKOFF = Object.freeze({ initial: 1000, max: 30000 });
+
+/**
+ * A shaped stream's query parameters, in order: each filter expression under its column,
+ * then `select`. Bad input throws here, before anything is opened.
+ */
+function shapeParams(filter, select) {
+  const pairs = [];
+  if (filter != null) {
+    const proto = typeof filter === "object" ? Object.getPrototypeOf(filter) : undefined;
+    if (proto !== Object.prototype && proto !== null) {
+      throw new TypeError(
+        'filter must be an object of column → expression: { status: "eq.ready" }',
+      );
+    }
+    for (const [column, value] of Object.entries(filter)) {
+      if (column === "") throw new TypeError("filter names an empty column");
+      if (RESERVED.has(column)) {
+        throw new TypeError(`"${column}" is the stream's own parameter, not a column to filter`);
+      }
+      if (value === undefined) continue; // left out: { status: tab === "all" ? undefined : … }
+      const expressions = Array.isArray(value) ? value : [value];
+      const valid = expressions.every((e) => typeof e === "string" && e !== "");
+      if (expressions.length === 0 || !valid) {
+        throw new TypeError(
+          `filter.${column} must be a PostgREST expression such as "eq.ready" or "is.null", ` +
+            "or an array of them",
+        );
+      }
+      for (const expression of expressions) pairs.push([column, expression]);
+    }
+  }
+  if (select != null) {
+    const names = Array.isArray(select) && select.length > 0 && select;
+    if (!names || !names.every((name) => typeof name === "string" && name !== "")) {
+      throw new TypeError(
+        'select must be a non-empty array of column names: ["status", "progress"]',
+      );
+    }
+    const listed = names.find((name) => name.includes(","));
+    if (listed) throw new TypeError(`select names one column per item, not "${listed}"`);
+    pairs.push(["select", names.join(",")]);
+  }
+  return pairs;
+}
 
 /**
  * A feed's names. `event` must be the one the server was given in
@@ -34,9 +85,11 @@ function feedNames(feed = FILES, event) {
 
 /**
  * Every row of the caller in one feed, kept current.
- * Value: { rows, status, error, lastEventId, lastSeen }, where `rows` is a plain object
- * of id → row (a bigint id is a number on the wire and its decimal string as a key),
- * replaced (never mutated) on every change.
+ * Value: { rows, status, error, errorCode, lastEventId, lastSeen }, where `rows` is a plain
+ * object of id → row (a bigint id is a number on the wire and its decimal string as a key),
+ * replaced (never mutated) on every change. `filter` ({ column: "gte.50" or an array of
+ * such PostgREST expressions }, ANDed) and `select` (column names) shape the stream: the
+ * store then holds exactly the rows that match now, with those columns.
  */
 export function connectFeed(options) {
   return feedStore(options, "rows");
@@ -72,7 +125,10 @@ function feedStore(
     url,
     getToken,
     snapshot = true,
+    filter,
+    select,
     EventSourceImpl = globalThis.EventSource,
+    fetchImpl = globalThis.fetch,
     withCredentials = false,
     backoff = DEFAULT_BACKOFF,
     maxRetries = Infinity,
@@ -81,6 +137,8 @@ function feedStore(
 ) {
   const { path, event } = feedNames(feed, eventName);
   if (url == null) url = path + "/events";
+  // Sent on every connection: a cursor belongs to its shape.
+  const shape = shapeParams(filter, select);
   // id → last version held, for rows removed by <event>-deleted. Keyed as object keys are
   // (a string), so a numeric id and its string are one row.
   const deleted = new Map();
@@ -94,14 +152,16 @@ function feedStore(
   };
 
   return liveStore(
-    { [key]: {}, status: "closed", error: null, lastEventId: null, lastSeen: null },
+    { [key]: {}, ...CLOSED_STATE },
     {
       EventSourceImpl,
+      fetchImpl,
       withCredentials,
       getToken,
       backoff,
       maxRetries,
       url: () => url,
+      shape,
       interrupted,
       // With a cursor the server sends what changed since; without one, a snapshot.
       prepare(value) {
@@ -141,7 +201,7 @@ function feedStore(
         synced(_data, { connected }) {
           connected();
           live = true;
-          return { status: "live", error: null };
+          return { status: "live", error: null, errorCode: null };
         },
         heartbeat() {
           return {};
@@ -165,6 +225,7 @@ function rowStore(
     terminal,
     getToken,
     EventSourceImpl = globalThis.EventSource,
+    fetchImpl = globalThis.fetch,
     withCredentials = false,
     backoff = DEFAULT_BACKOFF,
     // A row that does not exist fails exactly like an expired token (EventSource shows
@@ -182,21 +243,23 @@ function rowStore(
   }
 
   return liveStore(
-    { [key]: null, status: "closed", error: null, lastEventId: null, lastSeen: null },
+    { [key]: null, ...CLOSED_STATE },
     {
       EventSourceImpl,
+      fetchImpl,
       withCredentials,
       getToken,
       backoff,
       maxRetries,
       url: () => (typeof url === "function" ? url(id) : url),
+      shape: [],
       prepare: () => ({ query: {} }),
       events: {
         [`${event}-update`](data, { value, connected, finish }) {
           const row = data && data[event];
           if (!row) return {};
           connected();
-          const patch = { status: "live", error: null };
+          const patch = { status: "live", error: null, errorCode: null };
           if (!isStale(row.version, value[key] && value[key].version)) patch[key] = row;
           const current = patch[key] || value[key];
           if (current && terminal && terminal(current)) finish();
@@ -218,6 +281,33 @@ function rowStore(
   );
 }
 
+/**
+ * Why a stream was refused: an EventSource shows no status, so the same URL is asked once
+ * more with fetch, and the server's JSON error read. Null when that says nothing (no fetch,
+ * a network error, a proxy's page, or the stream would open now: that one is closed at once).
+ */
+async function whyRefused(fetchImpl, href, withCredentials) {
+  if (typeof fetchImpl !== "function") return null;
+  const abort = typeof AbortController === "function" ? new AbortController() : null;
+  try {
+    const response = await fetchImpl(href, {
+      credentials: withCredentials ? "include" : "same-origin",
+      cache: "no-store",
+      signal: abort ? abort.signal : undefined,
+    });
+    if (response.ok) return null;
+    const body = await response.json();
+    if (body && typeof body.error === "string" && typeof body.code === "string") {
+      return { error: body.error.replace(/\.$/, ""), code: body.code };
+    }
+  } catch {
+    // Nothing to learn: the reconnects carry on as for any refusal.
+  } finally {
+    if (abort) abort.abort();
+  }
+  return null;
+}
+
 // A text id may be "constructor" or "__proto__": only the object's own rows count.
 function own(rows, id) {
   return Object.hasOwn(rows, id) ? rows[id] : undefined;
@@ -233,6 +323,15 @@ function remember(map, id, version) {
   if (map.size > TOMBSTONES) map.delete(map.keys().next().value);
 }
 
+const CLOSED_STATE = Object.freeze({
+  status: "closed",
+  error: null,
+  errorCode: null,
+  lastEventId: null,
+  lastSeen: null,
+});
+
+// `params`: [name, value] pairs, so that a name may repeat (progress=gte.10&progress=lt.50).
 function withQuery(url, params) {
   const query = new URLSearchParams(params).toString();
   if (!query) return url;
@@ -246,10 +345,12 @@ function describe(err) {
 }
 
 // The store and the connection's life: token, EventSource, reconnects with backoff.
-// `config.prepare(value)` gives the query (and maybe a patch) for each connection we open;
+// `config.shape` holds the query pairs every connection sends (a feed's filter and select);
+// `config.prepare(value)` gives the rest of the query (and maybe a patch) for each one;
 // `config.events[name](data, ctx)` returns a patch for the value; ctx offers the current
 // value and the actions connected() (reset the backoff), renew() (close and reconnect at
 // once with a fresh token) and finish() (close for good, status "closed").
+// A refusal the server explains as hopeless (HOPELESS) closes the store for good too.
 function liveStore(initial, config) {
   let value = initial;
   const subscribers = new Set();
@@ -258,6 +359,7 @@ function liveStore(initial, config) {
   let source = null;
   let timer = null;
   let failures = 0;
+  let refusals = 0; // bumped on every refused connection; a late explanation checks it
   let finished = false;
 
   function set(patch) {
@@ -290,22 +392,30 @@ function liveStore(initial, config) {
     const { query, patch } = config.prepare(value);
     if (patch) set(patch);
     if (token) query.access_token = token;
+    const href = withQuery(config.url(value), [...config.shape, ...Object.entries(query)]);
     let es;
     try {
-      es = new config.EventSourceImpl(withQuery(config.url(value), query), {
-        withCredentials: config.withCredentials,
-      });
+      es = new config.EventSourceImpl(href, { withCredentials: config.withCredentials });
     } catch (err) {
       retry(`could not open the stream: ${describe(err)}`);
       return;
     }
     source = es;
+    let opened = false;
+    es.onopen = () => {
+      opened = true;
+    };
     es.onerror = () => {
       if (source !== es) return;
       if (es.readyState === CLOSED) {
-        // Refused (401 for an expired token, 429, a proxy error) or the browser gave up.
+        // Refused (401 for an expired token, 429, 400 for a bad filter, a proxy error) or
+        // the browser gave up.
         source = null;
         retry("the stream was refused or lost");
+        // A stream refused before it ever opened may be refused for good: ask why. (One
+        // that was open and lost it on the browser's own reconnect is not asked: that is
+        // a restart or an expired token, and our next connection is asked if refused.)
+        if (!opened) explain(href, gen);
       } else if (es.readyState === CONNECTING) {
         // The browser retries by itself, sending Last-Event-ID.
         if (config.interrupted) config.interrupted(value);
@@ -325,6 +435,7 @@ function liveStore(initial, config) {
     for (const [name, handle] of Object.entries(config.events)) {
       es.addEventListener(name, (event) => {
         if (source !== es) return;
+        opened = true;
         let data = null;
         try {
           data = JSON.parse(event.data);
@@ -340,18 +451,35 @@ function liveStore(initial, config) {
     }
   }
 
+  async function explain(href, gen) {
+    const refusal = (refusals += 1);
+    const answer = await whyRefused(config.fetchImpl, href, config.withCredentials);
+    // Only while nothing newer happened: no new connection, no stop, no later refusal.
+    if (!answer || gen !== generation || refusal !== refusals || source !== null) return;
+    if (HOPELESS.has(answer.code)) {
+      finish();
+      set({ status: "closed", error: answer.error, errorCode: answer.code });
+    } else if (timer != null) {
+      set({ error: answer.error, errorCode: answer.code }); // still waiting to retry
+    }
+  }
+
   function retry(reason) {
     closeSource();
     failures += 1;
     if (failures > config.maxRetries) {
-      set({ status: "closed", error: `${reason}; gave up after ${failures} attempts` });
+      set({
+        status: "closed",
+        error: `${reason}; gave up after ${failures} attempts`,
+        errorCode: null,
+      });
       return;
     }
     const { initial = 1000, max = 30000 } = config.backoff || {};
     const ceiling = Math.min(max, initial * 2 ** (failures - 1));
     const delay = ceiling / 2 + (Math.random() * ceiling) / 2;
     const gen = generation;
-    set({ status: "reconnecting", error: reason });
+    set({ status: "reconnecting", error: reason, errorCode: null });
     timer = setTimeout(() => {
       timer = null;
       if (gen === generation) open(gen);
@@ -378,10 +506,14 @@ function liveStore(initial, config) {
     failures = 0;
     if (typeof config.EventSourceImpl !== "function") {
       // Server-side rendering, or a runtime without EventSource: stay closed, do not throw.
-      set({ status: "closed", error: "EventSource is not available in this environment" });
+      set({
+        status: "closed",
+        error: "EventSource is not available in this environment",
+        errorCode: null,
+      });
       return;
     }
-    set({ status: "connecting", error: null });
+    set({ status: "connecting", error: null, errorCode: null });
     open(generation);
   }
 

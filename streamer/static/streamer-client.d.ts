@@ -146,11 +146,22 @@ export interface Backoff {
   max?: number;
 }
 
+/** The fetch function, or a stand-in: only its status and JSON body are read. */
+export type FetchLike = (
+  url: string,
+  init: { credentials: "include" | "same-origin"; cache: "no-store"; signal?: AbortSignal },
+) => Promise<{ ok: boolean; status: number; json(): Promise<unknown> }>;
+
 interface CommonOptions {
   /** Called before each connection the client opens; sent as `access_token`. Absent: cookie. */
   getToken?: GetToken;
   /** Defaults to `globalThis.EventSource`. */
   EventSourceImpl?: EventSourceConstructor;
+  /**
+   * Asks a stream refused before it opened why (an EventSource cannot see the status).
+   * Defaults to `globalThis.fetch`; without one every refusal is retried alike.
+   */
+  fetchImpl?: FetchLike;
   /** Send cookies cross-origin (cookie authentication). Default false. */
   withCredentials?: boolean;
   /** Default { initial: 1000, max: 30000 }. */
@@ -171,11 +182,57 @@ export interface FeedOptions extends CommonOptions {
   event?: string;
 }
 
-export interface ConnectFeedOptions extends FeedOptions {
+/** A comparison operator of a filter, PostgREST's, each negatable with `not.`. */
+export type FilterOperator =
+  | "eq"
+  | "neq"
+  | "lt"
+  | "lte"
+  | "gt"
+  | "gte"
+  | "in"
+  | "is"
+  | "like"
+  | "ilike";
+
+/**
+ * One PostgREST filter expression: `eq.ready`, `gte.50`, `in.(pending,processing)`,
+ * `is.null`, `ilike.*.pdf` (`*` is the wildcard), `not.eq.failed`. The value is written as
+ * the server reads it; the client only encodes it into the URL.
+ */
+export type FilterExpression = `${"" | "not."}${FilterOperator}.${string}`;
+
+/** Query parameters of the stream itself, which no filter may name as a column. */
+export type ReservedParameter = "snapshot" | "last_event_id" | "access_token" | "select";
+
+/**
+ * Filters on the row's columns, ANDed: one expression, or several for one column
+ * (`{ progress: ["gte.10", "lt.50"] }`). A column whose value is undefined is left out.
+ */
+export type RowFilter<Row extends FeedRow = StreamedFile> = {
+  [Column in Exclude<keyof Row & string, ReservedParameter>]?:
+    | FilterExpression
+    | readonly FilterExpression[];
+};
+
+/** What a stream sends of a row under `select`: those columns, and always id and version. */
+export type Selected<Row extends FeedRow, Column extends keyof Row> = Pick<
+  Row,
+  Column | "id" | "version"
+>;
+
+export interface ConnectFeedOptions<
+  Row extends FeedRow = StreamedFile,
+  Column extends keyof Row & string = keyof Row & string,
+> extends FeedOptions {
   /** Default "/api/<feed>/events". */
   url?: string;
   /** Ask for every current row before `synced`. Default true. */
   snapshot?: boolean;
+  /** Only the rows that match, as long as they match: one that stops matching is deleted. */
+  filter?: RowFilter<Row>;
+  /** Only these columns (id and version always come); the rows' type narrows to them. */
+  select?: readonly Column[];
 }
 
 export interface WatchRowOptions<Row extends FeedRow = StreamedFile> extends FeedOptions {
@@ -216,6 +273,8 @@ export interface FeedState<Row extends FeedRow = StreamedFile> {
   status: ConnectionStatus;
   /** The last connection problem, as a sentence; null once live again. */
   error: string | null;
+  /** The server's code for it, when it said (`INVALID_FILTER`, `FORBIDDEN`, ...). */
+  errorCode: string | null;
   /** The last cursor received. */
   lastEventId: string | null;
   /** Date.now() of the last event received, heartbeats included. */
@@ -227,6 +286,7 @@ export interface RowState<Row extends FeedRow = StreamedFile> {
   row: Row | null;
   status: ConnectionStatus;
   error: string | null;
+  errorCode: string | null;
   lastEventId: string | null;
   lastSeen: number | null;
 }
@@ -241,6 +301,8 @@ export interface FilesState {
   status: ConnectionStatus;
   /** The last connection problem, as a sentence; null once live again. */
   error: string | null;
+  /** The server's code for it, when it said (`INVALID_FILTER`, `FORBIDDEN`, ...). */
+  errorCode: string | null;
   /** The last cursor received. */
   lastEventId: string | null;
   /** Date.now() of the last event received, heartbeats included. */
@@ -252,6 +314,7 @@ export interface FileState {
   file: StreamedFile | null;
   status: ConnectionStatus;
   error: string | null;
+  errorCode: string | null;
   lastEventId: string | null;
   lastSeen: number | null;
 }
@@ -260,13 +323,21 @@ export declare const DEFAULT_BACKOFF: Readonly<Required<Backoff>>;
 
 /**
  * Every row of the caller in one feed, live: `connectFeed<Job>({ feed: "jobs", event: "job" })`.
- * Connects on the first subscriber, closes after the last.
+ * Connects on the first subscriber, closes after the last. With `select` the rows' type is
+ * narrowed to those columns: inferred for files (`connectFeed({ select: ["status"] })`);
+ * for another row type name them too (`connectFeed<Job, "status">({ ..., select: ["status"] })`).
+ * A refusal retrying cannot cure (400 `INVALID_FILTER`, 403 `FORBIDDEN`) closes the store
+ * for good, with the server's sentence in `error` and its code in `errorCode`.
  */
-export declare function connectFeed<Row extends FeedRow = StreamedFile>(
-  options?: ConnectFeedOptions,
-): FeedStore<Row>;
+export declare function connectFeed<
+  Row extends FeedRow = StreamedFile,
+  Column extends keyof Row & string = keyof Row & string,
+>(options?: ConnectFeedOptions<Row, Column>): FeedStore<Selected<Row, Column>>;
 
-/** One row of a feed until `terminal(row)` or its deletion; then status "closed", for good. */
+/**
+ * One row of a feed until `terminal(row)` or its deletion; then status "closed", for good.
+ * So too after a 400 `INVALID_ID` or a 403 `FORBIDDEN`, with the server's sentence in `error`.
+ */
 export declare function watchRow<Row extends FeedRow = StreamedFile>(
   options: WatchRowOptions<Row>,
 ): RowStore<Row>;

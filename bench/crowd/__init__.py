@@ -152,6 +152,8 @@ def run(ctx: Context) -> dict[str, Any]:
                 out["open"] = opening(remotes, s)
                 time.sleep(2)
                 out["memory"] = memory(service, base, out["open"]["live"])
+                out["open"]["sockets"] = service.sockets()
+                out["open"]["listen_s"] = service.listen_times
                 out["metrics_open"] = service.metrics().get("streamer_streams_open")
                 out["heartbeats"] = heartbeats(service, remotes, s, idle)
                 out["delivery"] = delivery(ctx, s, service, remotes, writer)
@@ -309,6 +311,8 @@ def herd(
     after = (resynced - killed) / 1e9
     return {
         "restart_s": round(restart_s, 2),
+        "listen_s": service.listen_times,  # each worker's, into the restart
+        "sockets": service.sockets(),  # of each process, once all are back
         "resynced": len(resynced),
         "streams": s.streams,
         "last_resync_s": round(float(after.max()), 2) if len(after) else None,

@@ -67,6 +67,7 @@ class Service:
         }
         self.workers = int(settings.get("STREAMER_WORKERS", "1"))
         self.server: ServerProcess | None = None
+        self.listen_times: list[float] = []  # seconds into the last start, each worker's listen
 
     def start(self, timeout: float = 90.0) -> float:
         """Start and wait until every worker listens and the fleet reads; seconds taken."""
@@ -74,14 +75,34 @@ class Service:
         command = [sys.executable, "-m", "streamer", "serve", "--no-migrate"]
         self.server = ServerProcess("crowd-service", command, self.env, self.port, self.code)
         deadline = started + timeout
-        while self.listening() < self.workers or not self.ready():
+        self.listen_times = []
+        while (listening := self.listening()) < self.workers or not self.ready():
+            while len(self.listen_times) < listening:
+                self.listen_times.append(round(time.monotonic() - started, 2))
             if self.server.process.poll() is not None:
                 raise RuntimeError(f"the service exited at start-up:\n{self.server.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the service not ready in {timeout:.0f} s:\n"
                                    f"{self.server.log_tail()}")  # fmt: skip
             time.sleep(0.05)
+        while len(self.listen_times) < self.workers:
+            self.listen_times.append(round(time.monotonic() - started, 2))
         return time.monotonic() - started
+
+    def sockets(self) -> list[int]:
+        """Open sockets of each process of the service (its streams, give or take a few)."""
+        counts = []
+        for pid in self.pids():
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            count = 0
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            counts.append(count)
+        return counts
 
     def ready(self) -> bool:
         with (

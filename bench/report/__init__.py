@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.report import big_user, fleet, plots, sections, targets
+from bench.report import big_user, crowd, fleet, plots, sections, targets
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -27,6 +27,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines += big_user.section(results["big_user"])
     if "fleet" in results:
         lines += fleet.section(results["fleet"])
+    if "crowd" in results:
+        lines += crowd.section(results["crowd"])
     if "fanout" in results:
         lines += sections.profile(results["fanout"])
     lines += METHOD

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.report import fleet
+from bench.report import crowd, fleet
 from bench.report.tables import Column, Row, ms, n, refused, table, verdict
 
 POOL_SIZE = 4  # the service's default STREAMER_POOL_SIZE
@@ -46,6 +46,7 @@ def section(results: dict[str, Any]) -> list[str]:
         *writer_cost(results.get("writer_cost")),
         *big_user(results.get("big_user")),
         *fleet.targets(results.get("fleet")),
+        *crowd.targets(results.get("crowd")),
         *connections(results),
     ]
     return ["## Targets", "", *table(COLUMNS, rows), ""] if rows else []

@@ -283,7 +283,11 @@ def herd(
     killed = now_ns()
     with sampling(ctx.pg, None, "bench-service", every=0.25) as peak:
         service.kill()
-        restart_s = service.start()
+        restart_error = None
+        try:
+            restart_s: float | None = service.start(timeout=s.herd_timeout)
+        except RuntimeError as exc:  # not every worker listening and ready: measured anyway
+            restart_s, restart_error = None, str(exc).splitlines()[0]
         deadline = time.monotonic() + s.herd_timeout
         back = 0
         while time.monotonic() < deadline:
@@ -310,7 +314,9 @@ def herd(
     truth = np.array([versions[people.rows[u]] for u in plan(s.users, s.tabs)[index]])
     after = (resynced - killed) / 1e9
     return {
-        "restart_s": round(restart_s, 2),
+        "restart_s": None if restart_s is None else round(restart_s, 2),
+        "restart_error": restart_error,
+        "errors": service.errors(),  # what the restarted service logged
         "listen_s": service.listen_times,  # each worker's, into the restart
         "sockets": service.sockets(),  # of each process, once all are back
         "resynced": len(resynced),

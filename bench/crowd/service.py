@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from bench.harness import REPO, SECRET, Postgres, ServerProcess
 from bench.procfs import cpu_seconds, pss_bytes, rss_bytes
 
 PROBE = Path(__file__).parent / "probe"
+_EXCEPTION = re.compile(r"^[\w.]+(Error|Exception|Exit): .*")
 
 
 def _tree(pid: int) -> list[int]:
@@ -88,6 +90,17 @@ class Service:
         while len(self.listen_times) < self.workers:
             self.listen_times.append(round(time.monotonic() - started, 2))
         return time.monotonic() - started
+
+    def errors(self) -> dict[str, int]:
+        """The exceptions the service logged so far, by their last line (type: message)."""
+        if self.server is None:
+            return {}
+        found: dict[str, int] = {}
+        for line in self.server.log_tail(2_000_000).splitlines():
+            match = _EXCEPTION.match(line)
+            if match:
+                found[match.group(0)[:160]] = found.get(match.group(0)[:160], 0) + 1
+        return found
 
     def sockets(self) -> list[int]:
         """Open sockets of each process of the service (its streams, give or take a few)."""

@@ -89,7 +89,8 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"{d['lost']} lost of {n(d['expected'])}; service CPU {d['service_cpu_pct']}% |",
         f"| sockets per process, after opening | {', '.join(map(str, o.get('sockets', [])))} "
         f"(workers listening at {o.get('listen_s')} s into the start) |",
-        f"| restart after SIGKILL | listening again in {h['restart_s']:.1f} s (each worker at "
+        f"| restart after SIGKILL | listening and ready again in {n(h['restart_s'], 1)} s "
+        f"({h.get('restart_error') or 'ready'}; each worker listening at "
         f"{h.get('listen_s')} s); sockets per process after: "
         f"{', '.join(map(str, h.get('sockets', [])))}; "
         f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
@@ -97,6 +98,8 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"| ... state at the end | {h['stale']} tabs older than the database, "
         f"{h['ahead']} ahead; {n(h['commits'])} commits meanwhile |",
         f"| ... reconnects | {n(h['reconnects'])} attempts; refused: {herd_refused} |",
+        f"| ... the restarted service logged | "
+        f"{'; '.join(f'{v:,} x `{e}`' for e, v in h.get('errors', {}).items()) or 'no error'} |",
         f"| ... pool (probe) | {n(pool.get('acquires'))} acquires, longest wait "
         f"{n(pool.get('max_wait_ms'))} ms, {n(pool.get('over_1s'))} over 1 s, "
         f"{n(pool.get('max_waiting'))} waiting at once (most in one process); Postgres "

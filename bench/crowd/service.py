@@ -128,9 +128,17 @@ class Service:
     def kill(self) -> None:
         """SIGKILL the supervisor and every worker at once (their process group)."""
         assert self.server is not None
+        pids = self.pids()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.server.process.pid, signal.SIGKILL)
         self.server.process.wait(10)
+        # Until every worker is gone its listening socket is still there: a restart would
+        # count it as its own.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+            any(os.path.exists(f"/proc/{pid}/fd") for pid in pids) or self.listening()
+        ):
+            time.sleep(0.01)
         self.server.stop()
         self.server = None
 

@@ -67,7 +67,7 @@ class Settings:
         return self.users * self.change_share
 
 
-FULL = Settings(50_000, 6, 8, 5.0, 0.01, 30, 3, 180, 256, 0.5)
+FULL = Settings(50_000, 6, 8, 5.0, 0.01, 30, 3, 300, 256, 0.5)
 QUICK = Settings(1_000, 2, 2, 5.0, 0.01, 10, 2, 90, 128, 0.5)
 
 

@@ -39,7 +39,7 @@ if os.environ.get("BENCH_POOL_PROBE"):
             f["over_100ms"] += ms > 100
             f["over_1s"] += ms > 1000
 
-    asyncpg.pool.Pool._acquire = _acquire  # type: ignore[method-assign]
+    asyncpg.pool.Pool._acquire = _acquire
     _path = os.path.join(os.environ["BENCH_POOL_PROBE"], f"{os.getpid()}.json")
 
     def _write() -> None:

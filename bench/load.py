@@ -218,3 +218,4 @@ class Context:
     quick: bool
     profile: bool
     code: Path = REPO  # the checkout whose service is measured
+    crowd: dict[str, Any] | None = None  # the crowd's scale, when not its default (run.py)

@@ -21,7 +21,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import big_user, capacity, fanout, fleet, latency, report, shapes, sources, writer_cost
+from bench import (
+    big_user,
+    capacity,
+    crowd,
+    fanout,
+    fleet,
+    latency,
+    report,
+    shapes,
+    sources,
+    writer_cost,
+)
 from bench.agent import raise_nofile
 from bench.clients import scratch_dir
 from bench.harness import REPO, Interrupted, Postgres, cleanup, install_signal_handlers
@@ -38,6 +49,7 @@ SCENARIOS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "big_user": big_user.run,
     "fleet": fleet.run,
     "shapes": shapes.run,
+    "crowd": crowd.run,  # last: it adds (and then deletes) its own users' rows
 }
 POPULATION = 1000  # users, each with one row: enough for every scenario
 WRITER_CONNECTIONS = 8
@@ -70,6 +82,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=REPO,
         help="measure the service of another checkout (e.g. a git worktree of an older "
         "commit): its streamer/, and its own migrations on the fresh database",
+    )
+    parser.add_argument(
+        "--crowd-users",
+        type=int,
+        help="the crowd's users, 2 tabs each (default 50,000; 1,000 with --quick)",
+    )
+    parser.add_argument(
+        "--crowd-workers", type=int, help="the crowd's `--workers` (default 6; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--crowd-processes",
+        type=int,
+        help="the crowd's client processes, one source address each (default 8; 2 with --quick)",
     )
     args = parser.parse_args(argv)
     args.scenarios = [name.strip() for name in args.only.split(",") if name.strip()]
@@ -184,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             args.quick,
             not args.no_profile,
             args.service_code,
+            {
+                "users": args.crowd_users,
+                "workers": args.crowd_workers,
+                "processes": args.crowd_processes,
+            },
         )
         for name in args.scenarios:
             results[name] = scenario(name, ctx)

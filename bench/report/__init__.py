@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.report import big_user, fleet, plots, sections, shapes, targets
+from bench.report import big_user, crowd, fleet, plots, sections, shapes, targets
 
 
 def write(results: dict[str, Any], out: Path) -> None:
@@ -29,6 +29,8 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines += fleet.section(results["fleet"])
     if "shapes" in results:
         lines += shapes.section(results["shapes"])
+    if "crowd" in results:
+        lines += crowd.section(results["crowd"])
     if "fanout" in results:
         lines += sections.profile(results["fanout"])
     lines += METHOD

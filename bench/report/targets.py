@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bench.report import fleet, shapes
+from bench.report import crowd, fleet, shapes
 from bench.report.tables import Column, Row, ms, n, refused, table, verdict
 
 POOL_SIZE = 4  # the service's default STREAMER_POOL_SIZE
@@ -47,6 +47,7 @@ def section(results: dict[str, Any]) -> list[str]:
         *big_user(results.get("big_user")),
         *fleet.targets(results.get("fleet")),
         *shapes.targets(results.get("shapes")),
+        *crowd.targets(results.get("crowd")),
         *connections(results),
     ]
     return ["## Targets", "", *table(COLUMNS, rows), ""] if rows else []

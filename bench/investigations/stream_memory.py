@@ -1,0 +1,269 @@
+"""What one open stream keeps in the service's process, by owner (issue 24); not part of
+`make bench`.
+
+    python -m bench.investigations.stream_memory [--streams 2000]
+
+The app runs in this process as `streamer serve` sets it up (create_app, the AppRunner's
+options, handler cancellation) under tracemalloc, while two crowd processes
+(bench/crowd/tabs.py: Chrome's EventSource headers, the token in a cookie, `?snapshot=1`)
+open the streams. Once they are synced, four readings:
+
+1. tracemalloc's heap added per stream, by file and line;
+2. the objects the garbage collector tracks that appeared, per stream, by type
+   (count and sys.getsizeof);
+3. for a sample of streams, every object reachable from each of the stream's parts that
+   did not exist before (non-tracked ones too: str, bytes, ints), in sys.getsizeof bytes,
+   given to the first part that reaches it, in this order: the Subscriber (and its Sink),
+   the request's parsed headers, its raw headers, the rest of the parsed message, the
+   rest of the Request, the handler task and its coroutines' frames (middlewares', the
+   handler's, and what their locals hold: the StreamResponse...), the protocol
+   (RequestHandler: parser, reader, writer), the transport (its socket);
+4. the hub's own index of streams (dicts and sets keyed by owner and user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import shutil
+import sys
+import tracemalloc
+import types
+from collections import Counter
+from typing import Any
+
+from aiohttp import web
+
+from bench.agent import Remote, raise_nofile
+from bench.clients import scratch_dir
+from bench.crowd import PATH, population
+from bench.crowd.tabs import CrowdSpec, crowd_main
+from bench.harness import SECRET, Postgres, cleanup
+from bench.procfs import rss_bytes
+from streamer import keys
+from streamer.app import create_app
+from streamer.config import Settings
+from streamer.embedded import _free_port
+from streamer.server import server_options
+
+SAMPLE = 200  # streams walked object by object
+SKIP = (type, types.ModuleType, types.FunctionType, types.CodeType, types.BuiltinFunctionType)
+
+
+def _short(filename: str) -> str:
+    for marker in ("site-packages/", "lib/python3.11/", "/work/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
+
+
+def _reachable(roots: list[object]) -> tuple[set[int], list[object]]:
+    """The ids of everything reachable from `roots`, and the objects themselves (held, so
+    that no id is reused by a new object meanwhile)."""
+    seen: set[int] = set()
+    held: list[object] = []
+    todo = list(roots)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, SKIP):
+            continue
+        seen.add(id(obj))
+        held.append(obj)
+        todo.extend(gc.get_referents(obj))
+    return seen, held
+
+
+def _claim(
+    root: object,
+    old: set[int],
+    claimed: set[int],
+    others: set[int],
+    kinds: Counter[str] | None = None,
+) -> tuple[int, int]:
+    """Bytes and objects reachable from `root`, never through another part's root
+    (`others`), that are new and not claimed yet."""
+    size = count = 0
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        key = id(obj)
+        if key in old or key in claimed or key in others or isinstance(obj, SKIP):
+            continue
+        claimed.add(key)
+        size += sys.getsizeof(obj)
+        if kinds is not None:
+            kinds[type(obj).__name__] += sys.getsizeof(obj)
+        count += 1
+        todo.extend(gc.get_referents(obj))
+    return size, count
+
+
+def _parts(
+    protocol: Any, subs: dict[int, Any], responses: dict[int, Any]
+) -> list[tuple[str, object]]:
+    """A stream's parts. Each claims what it reaches without passing another's root: the
+    Subscriber does not get the handler's task through its `ended` future's callbacks."""
+    request = protocol._current_request
+    message = request._message
+    response = responses.get(id(request))
+    parsers = [o for o in gc.get_referents(protocol) if type(o).__name__ == "HttpRequestParser"]
+    sub = subs.get(id(protocol.transport))
+    return [
+        ("Subscriber (streamer)", sub),
+        ("its Sink (streamer)", getattr(sub, "_sink", None)),
+        ("its `ended` future", getattr(sub, "ended", None)),
+        ("request headers: CIMultiDictProxy + CIMultiDict + str", request._headers),
+        ("request raw_headers: tuple of bytes", message.raw_headers),
+        ("parsed message: RawRequestMessage, URL, ...", message),
+        ("Request: rest (_cache: cookies, query, match_info...)", request),
+        ("StreamResponse + StreamWriter", response),
+        ("handler task + coroutines (middlewares, handler)", protocol._task_handler),
+        ("HttpRequestParser", parsers[0] if parsers else None),
+        ("RequestHandler (protocol): rest", protocol),
+        ("transport + socket", protocol.transport),
+    ]
+
+
+async def _study(pg: Postgres, streams: int) -> None:
+    settings = Settings(database_url=pg.url, jwt_secret=SECRET)
+    app = create_app(settings, pg.url, pg.url)
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
+                           **server_options())  # fmt: skip
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    people = await asyncio.to_thread(population, pg, streams // 2 + 25)
+    records = scratch_dir()
+
+    def crowd(name: str, first: int, count: int, address: str) -> Remote:
+        tabs = [(i, people.tokens[i % len(people.tokens)]) for i in range(first, first + count)]
+        return Remote(name, crowd_main, CrowdSpec(name, address, port, PATH, tabs, records, 0.5))
+
+    warm = [crowd("warm", 0, 50, "127.0.0.2")]
+    half = streams // 2
+    main = [crowd("crowd-a", 50, half, "127.0.0.3"),
+            crowd("crowd-b", 50 + half, streams - half, "127.0.0.4")]  # fmt: skip
+
+    async def open_all(remotes: list[Remote]) -> None:
+        for r in remotes:
+            r.send("open", concurrency=64)
+        for r in remotes:
+            reply = await asyncio.to_thread(r.receive, 300)
+            assert reply["live"] == reply["tabs"], reply
+
+    await open_all(warm)  # imports, pools, caches
+    await asyncio.sleep(0.5)
+    gc.collect()
+    # What exists before the streams open (taken first: tracemalloc then counts it in both).
+    old, held = _reachable(gc.get_objects())
+    old_types = Counter(type(o).__name__ for o in gc.get_objects())
+    old_sizes: Counter[str] = Counter()
+    for o in gc.get_objects():
+        old_sizes[type(o).__name__] += sys.getsizeof(o)
+    rss0, before = rss_bytes(os.getpid()), tracemalloc.take_snapshot()
+    await open_all(main)
+    await asyncio.sleep(1)
+    gc.collect()
+    rss1, after = rss_bytes(os.getpid()), tracemalloc.take_snapshot()
+    n = streams
+    stats = after.compare_to(before, "lineno")
+    heap = sum(s.size_diff for s in stats)
+    print(f"{n} streams: Python heap +{heap / n:,.0f} B per stream (tracemalloc); RSS "
+          f"+{(rss1 - rss0) / n:,.0f} B (tracemalloc's bookkeeping included)\n")  # fmt: skip
+    by_file: Counter[str] = Counter()
+    for s in stats:
+        by_file[_short(s.traceback[0].filename)] += s.size_diff
+    print("by file (B per stream):")
+    for name, size in by_file.most_common(18):
+        print(f"  {size / n:7,.0f}  {name}")
+    print("\nby line:")
+    for s in stats[:25]:
+        frame = s.traceback[0]
+        print(f"  {s.size_diff / n:7,.0f} B {s.count_diff / n:5.1f} blocks  "
+              f"{_short(frame.filename)}:{frame.lineno}")  # fmt: skip
+
+    objects = gc.get_objects()
+    types_now = Counter(type(o).__name__ for o in objects)
+    sizes_now: Counter[str] = Counter()
+    for o in objects:
+        sizes_now[type(o).__name__] += sys.getsizeof(o)
+    print("\ngc-tracked objects added, per stream (count, sys.getsizeof B):")
+    added = {t: (types_now[t] - old_types[t], sizes_now[t] - old_sizes[t]) for t in types_now}
+    for name, (count, size) in sorted(added.items(), key=lambda kv: -kv[1][1])[:22]:
+        print(f"  {count / n:5.2f}  {size / n:7,.0f} B  {name}")
+
+    hub = app[keys.HUB]
+    subs = {id(sub._sink._transport): sub for sub in hub.subscribers() if sub._sink is not None}
+    protocols = [o for o in objects if type(o).__name__ == "RequestHandler"
+                 and id(o) not in old and o._current_request is not None]  # fmt: skip
+    responses = {id(o._req): o for o in objects
+                 if isinstance(o, web.StreamResponse) and getattr(o, "_req", None)}  # fmt: skip
+    sample = protocols[:SAMPLE]
+    owners: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    claimed: set[int] = set()
+    kinds: dict[str, Counter[str]] = {}
+    for protocol in sample:
+        parts = [(name, root) for name, root in _parts(protocol, subs, responses) if root]
+        roots = {id(root) for _, root in parts}
+        for name, root in parts:
+            mine = kinds.setdefault(name, Counter())
+            size, count = _claim(root, old, claimed, roots - {id(root)}, mine)
+            owners[name] += size
+            counts[name] += count
+    walked = sum(owners.values()) / len(sample)
+    print(f"\nper stream, by owner (sys.getsizeof of new objects reachable; {len(sample)} "
+          f"streams walked; {walked:,.0f} B in all):")  # fmt: skip
+    for name, size in owners.items():
+        print(f"  {size / len(sample):7,.0f} B  {counts[name] / len(sample):5.1f} objects  {name}")
+        top = ", ".join(f"{k} {v / len(sample):,.0f}" for k, v in kinds[name].most_common(4))
+        print(f"             {top}")
+    index = sys.getsizeof(hub._by_key) + sys.getsizeof(hub._per_user)
+    index += sum(sys.getsizeof(s) for s in hub._by_key.values())
+    print(f"  {index / n:7,.0f} B  the hub's index (dict by (feed, owner), sets, per user)")
+
+    loop = asyncio.get_running_loop()
+    timers: Counter[str] = Counter()
+    for handle in loop._scheduled:  # type: ignore[attr-defined]
+        if id(handle) not in old:
+            callback = handle._callback
+            timers[getattr(callback, "__qualname__", type(callback).__name__)] += 1
+    print("\ntimers added (loop._scheduled), per stream, by callback:")
+    for name, count in timers.most_common(8):
+        print(f"  {count / n:5.2f}  {name}")
+
+    request = sample[0]._current_request
+    print("\none stream's request, sys.getsizeof of its parts (B):")
+    message = request._message
+    raw = message.raw_headers
+    print(f"  Request {sys.getsizeof(request)}, its _cache {sys.getsizeof(request._cache)} "
+          f"({sorted(request._cache)}), {len(raw)} headers: CIMultiDict "
+          f"{sys.getsizeof(request._headers)} + its strings "
+          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in request._headers.items())}; "
+          f"raw_headers tuple {sys.getsizeof(raw)} + its bytes "
+          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in raw)}")  # fmt: skip
+    for r in [*warm, *main]:
+        r.stop()
+    shutil.rmtree(records, ignore_errors=True)
+    del held
+    await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.investigations.stream_memory")
+    parser.add_argument("--streams", type=int, default=2000)
+    args = parser.parse_args()
+    raise_nofile()
+    pg = Postgres(fast=True)
+    try:
+        pg.start()
+        tracemalloc.start(1)
+        asyncio.run(_study(pg, args.streams))
+    finally:
+        cleanup(pg)
+
+
+if __name__ == "__main__":
+    main()

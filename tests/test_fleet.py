@@ -32,10 +32,12 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
+from streamer import keys
+from streamer.sources.broker import BrokerSource
 from tests import broker as brokers
 from tests import test_postgres_versions as versions
 from tests.broker import Broker
-from tests.conftest import SECRET, SOURCE, token_for, wait_until
+from tests.conftest import SECRET, SOURCE, start_service, stop_service, token_for, wait_until
 from tests.scrape import scrape
 from tests.test_cli import NOWHERE, Serving, serving, streamer
 from tests.test_isolation import (
@@ -746,3 +748,23 @@ def test_a_paused_broker_stops_start_up_with_one_line(database_url: str, broker:
     assert result.returncode != 0
     [line] = result.stderr.splitlines()
     assert "STREAMER_BROKER_URL" in line, line
+
+
+async def test_a_stream_that_opens_as_the_broker_session_ends_waits_for_the_next(
+    database_url: str, broker: Broker
+) -> None:
+    """A first stream of an owner subscribes its channel a moment after it asks to: the
+    session may be gone by then (a broker restart, a new reader). That is no error (it was
+    an AttributeError, a 500 to the browser): the next session subscribes every owner
+    followed, and its recovery catches the stream up."""
+    service = await start_service(database_url, broker_url=broker.url)
+    try:
+        source = service.app[keys.DISPATCHER].source
+        assert isinstance(source, BrokerSource)
+        following = source.follow(("files", str(uuid.uuid4())))
+        assert following is not None
+        await source.close()  # the session ends before the subscription runs
+        async with asyncio.timeout(5):
+            await following
+    finally:
+        await stop_service(service)

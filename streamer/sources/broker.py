@@ -145,14 +145,22 @@ class BrokerSource:
         if confirmed is None:
             confirmed = asyncio.get_running_loop().create_future()
             self._confirming[channel.encode()] = confirmed
-        return self._subscribe(channel, confirmed)
+        return self._subscribe(self._pubsub, channel, confirmed)
 
-    async def _subscribe(self, channel: str, confirmed: asyncio.Future[None]) -> None:
+    async def _subscribe(
+        self, pubsub: redis.client.PubSub, channel: str, confirmed: asyncio.Future[None]
+    ) -> None:
+        """Subscribe in the session `follow` was called in. It runs a moment later: that
+        session may have ended meanwhile (its confirmations are then given up on, and the
+        next session subscribes every key followed)."""
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._pubsub.subscribe(channel)
+            await pubsub.subscribe(channel)
             await confirmed  # the broker's answer: changes published from now on come here
             return
-        self._lost.set()  # the session ends; the next one subscribes it
+        if pubsub is self._pubsub:
+            self._lost.set()  # the session ends; the next one subscribes it
+        if not confirmed.done():
+            confirmed.set_result(None)
 
     def unfollow(self, key: Key) -> None:
         self._following.discard(key)

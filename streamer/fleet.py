@@ -145,7 +145,9 @@ class Reader:
                 await asyncio.wait({publishing, watching}, timeout=self.ping)
                 if publishing.done() or watching.done() or self._unreadable is not None:
                     break
-                async with asyncio.timeout(self.ping):
+                # Postgres ends an idle session (and its lock) after three pings; a ping
+                # slower than one, on a busy machine, is no reason to step down.
+                async with asyncio.timeout(3 * self.ping):
                     await conn.fetchval("select 1")
             for task in (publishing, watching):
                 if task.done() and not task.cancelled() and (failure := task.exception()):

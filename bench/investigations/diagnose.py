@@ -204,6 +204,9 @@ VARIANTS: dict[str, Variant] = {
 
 def _set_variant(pg: Postgres, name: str) -> None:
     variant = VARIANTS[name]
+    if name == "none":
+        configure(pg, "none")  # no trigger at all (body None means the feed's own)
+        return
     configure(pg, "feed" if variant.body is None else "none")
     if variant.body is None:
         if variant.edits:

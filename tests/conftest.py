@@ -39,7 +39,7 @@ from streamer.config import Settings
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
 from streamer.server import server_options
-from streamer.sources.notify import LISTEN, NotifySource
+from streamer.sources.notify import LISTEN, PING, NotifySource
 from streamer.sources.wal import WalSource
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
@@ -321,8 +321,8 @@ async def change_connections(db: asyncpg.Connection) -> int:
     (NOTIFY) or walsenders (WAL)."""
     count: int = await db.fetchval(
         "select count(*) from pg_stat_activity where datname = current_database()"
-        " and (query = $1 or backend_type = 'walsender')",
-        LISTEN,
+        " and (query = any($1::text[]) or backend_type = 'walsender')",
+        [LISTEN, PING],
     )
     return count
 

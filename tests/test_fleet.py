@@ -207,9 +207,9 @@ async def change_connections_by_node(db: asyncpg.Connection) -> tuple[dict[int, 
 
     A change connection is a walsender, or a LISTEN backend: one whose last query was its
     LISTEN (`select streamer.listen()`) or the source's ping, idle, and not the election's
-    (application name `reader`). A pool's idle connection shows asyncpg's reset query instead, and
-    conftest's change_connections counts only a backend whose last query is LISTEN, which
-    a LISTEN backend stops being at its first ping (5 s)."""
+    (application name `reader`). A pool's idle connection shows asyncpg's reset query
+    instead; conftest's change_connections counts any backend whose last query is one of
+    the two, whatever its state."""
     rows = await db.fetch(
         "select pid, client_port, application_name, backend_type, state, wait_event_type,"
         " query from pg_stat_activity where datname = current_database()"

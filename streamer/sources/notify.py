@@ -42,7 +42,7 @@ class ListeningConnection(asyncpg.Connection):  # type: ignore[misc]
 
 class NotifySource:
     name = "notify"
-    description = "listening on the feeds' channel"
+    description = "listening on channel streamer.channel() (the feeds' secret)"
 
     def __init__(
         self,

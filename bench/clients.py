@@ -311,7 +311,9 @@ class Floor:
     async def handle(self, command: str, args: dict[str, Any]) -> Reply:
         if command == "open":
             self.conn = await asyncpg.connect(self.dsn)
-            await self.conn.add_listener(CHANNEL, self._notified)
+            # The feeds' channel, and `streamer` (where writer_cost's bare trigger sends).
+            for channel in (await self.conn.fetchval("select streamer.channel()"), CHANNEL):
+                await self.conn.add_listener(channel, self._notified)
             return {"opened": [0], "errors": {}}
         if command == "stats":
             return {"events": self.recorder.total, "open": 1, "dropped": 0}

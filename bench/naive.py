@@ -21,7 +21,6 @@ import asyncpg
 import jwt
 from aiohttp import web
 
-CHANNEL = "streamer"
 HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DSN = web.AppKey("dsn", str)
 SECRET = web.AppKey("secret", str)
@@ -47,13 +46,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def notified(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-        envelope, _, row = payload[64:].partition("\n")  # after the feed's signature
+        envelope, _, row = payload.partition("\n")
         change = json.loads(envelope)
         if change["u"] == user and change["o"] == "u" and row:
             queue.put_nowait(json.loads(row))
 
     try:
-        await conn.add_listener(CHANNEL, notified)
+        # The feeds' channel, named as the owner may (tutorials LISTEN on the name).
+        await conn.add_listener(await conn.fetchval("select streamer.channel()"), notified)
         response = web.StreamResponse(headers=HEADERS)
         await response.prepare(request)
         await response.write(b'retry: 2000\n\nevent: synced\ndata: {"eventType":"synced"}\n\n')

@@ -22,7 +22,6 @@ import signal
 import asyncpg
 import jwt
 
-CHANNEL = "streamer"
 HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
     b"Transfer-Encoding: chunked\r\n\r\n"
@@ -42,8 +41,8 @@ class Relay:
         self.streams: dict[str, set[asyncio.StreamWriter]] = {}
 
     def notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        # The feed's payload: a signature (not checked here), the envelope, the row's JSON.
-        envelope, _, row = payload[64:].partition("\n")
+        # The feed's payload: the envelope, the row's JSON.
+        envelope, _, row = payload.partition("\n")
         change = json.loads(envelope)
         writers = self.streams.get(change["u"])
         if not writers or change["o"] != "u" or not row:
@@ -84,7 +83,7 @@ class Relay:
 async def main(port: int) -> None:
     relay = Relay(os.environ["STREAMER_JWT_SECRET"])
     conn = await asyncpg.connect(os.environ["DATABASE_URL"])
-    await conn.add_listener(CHANNEL, relay.notified)
+    await conn.add_listener(await conn.fetchval("select streamer.channel()"), relay.notified)
     server = await asyncio.start_server(relay.serve, "127.0.0.1", port, backlog=1024)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,9 +2,11 @@
 deletes streams send, cursors and the snapshots they are read in.
 
 A source passes payloads of these kinds, in commit order, and nothing else: the
-dispatcher never looks at a payload's text. The feed triggers' payloads are signed text
-(sql/003_feeds.sql); `Signed` turns that text into kinds, so a forged one is a kind too,
-never a string to sniff.
+dispatcher never looks at a payload's text. Under notify the feed triggers send plain text
+on a channel only they and the service can name (sql/007_secret_channel.sql): `read`
+turns it into kinds. What travels where others can write (a fleet's broker, logical
+messages in the WAL) is signed text: `Signed` turns that into kinds, so a forged one is a
+kind too, never a string to sniff.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from streamer.errors import InvalidCursor
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "streamer"  # the NOTIFY channel, and the WAL messages' prefix
+CHANNEL = "streamer"  # the WAL messages' prefix, and earlier releases' NOTIFY channel
 # A version is never below its writer's transaction id times this (see sql/002_feed.sql).
 VERSION_SCALE = 1024
 MAX_CURSOR_DIGITS = 19
@@ -33,13 +35,13 @@ MAX_HORIZON = BIGINT_MAX // VERSION_SCALE
 # The envelope's format ("ev", 1 when absent): a later release that changes what a change
 # carries raises it, and a process meeting a format it does not know stops serving.
 FORMAT = 1
-SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every payload
+SIGNATURE_LENGTH = 64  # HMAC-SHA256 in hex, in front of every signed payload
 MARKER_PREFIX = '{"marker":"'
 
 
 class Change(BaseModel):
     """One committed row change (or a TRUNCATE) of a feed: the envelope a feed trigger
-    signs; the row, when it was small enough to travel, follows it."""
+    sends; the row, when it was small enough to travel, follows it."""
 
     format: int = Field(default=1, alias="ev", ge=1, le=FORMAT)
     feed: str = Field(alias="f")
@@ -55,6 +57,8 @@ class Change(BaseModel):
     row: str | None = None  # not in the envelope: the JSON after it
     # The signed text it was read from, as it came: what a fleet's reader relays.
     _text: str = PrivateAttr(default="")
+    # The trigger's text it was read from (envelope and row), not signed.
+    _body: str = PrivateAttr(default="")
 
     @property
     def text(self) -> str:
@@ -113,7 +117,8 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Forged:
-    """A payload that no feed trigger signed: any role that can connect can NOTIFY."""
+    """A payload that no feed trigger sent: one not signed where anyone may write (a
+    broker, a logical message), or on the feeds' channel one that is no change at all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,14 +137,48 @@ def marker_text(token: str) -> str:
 
 
 def signed_text(key: bytes, change: Change) -> str:
-    """The text of a change as a feed trigger signs one: what a fleet's reader relays (a
-    change decoded from the WAL has none until then)."""
+    """The text of a change, signed: what a fleet's reader relays (a change decoded from
+    the WAL, or read from the triggers' channel, has none until then)."""
     if change.text:
         return change.text
-    body = change.model_dump_json(by_alias=True, exclude={"row"})
-    if change.row is not None:
-        body += "\n" + change.row
+    body = change._body
+    if not body:
+        body = change.model_dump_json(by_alias=True, exclude={"row"})
+        if change.row is not None:
+            body += "\n" + change.row
     return hmac.new(key, body.encode(), hashlib.sha256).hexdigest() + body
+
+
+def later_format_notice(key: bytes) -> str:
+    """What earlier releases, LISTENing on channel `streamer`, meet now that the triggers
+    send elsewhere: a signed change of a format they cannot read, so that they end their
+    streams and report unready instead of staying open and deaf (sql/007_secret_channel.sql
+    sends the same at migration)."""
+    notice = json.dumps({"ev": FORMAT + 1, "why": "the feeds notify on a channel of their own"})
+    return hmac.new(key, notice.encode(), hashlib.sha256).hexdigest() + notice
+
+
+def read(text: str) -> Payload:
+    """A payload of the feeds' own channel, which only the triggers and the service can
+    name: trusted as it is, never verified."""
+    if text.startswith(MARKER_PREFIX):
+        try:
+            return Marker(json.loads(text)["marker"])
+        except (ValueError, KeyError, TypeError):
+            return Forged()
+    if not text:
+        return Hint()  # sent by enable_feed and disable_feed
+    envelope, newline, row = text.partition("\n")
+    try:
+        change = Change.model_validate_json(envelope)
+    except ValidationError as exc:
+        if _later_format(envelope):
+            return Unreadable(f"{exc.error_count()} problem(s) in a change")
+        return Forged()  # not what any trigger sends: counted and dropped
+    if newline:
+        change.row = row
+    change._body = text
+    return change
 
 
 class Signed:
@@ -166,15 +205,20 @@ class Signed:
         expected = hmac.new(self.key, body.encode(), hashlib.sha256).hexdigest()
         if not hmac.compare_digest(signature, expected):
             return Forged()
-        envelope, newline, row = body.partition("\n")
-        try:
-            change = Change.model_validate_json(envelope)
-        except ValidationError as exc:
-            return Unreadable(f"{exc.error_count()} problem(s) in a signed change")
-        if newline:
-            change.row = row
-        change._text = text
-        return change
+        payload = read(body)
+        if isinstance(payload, Change):
+            payload._text = text
+        return payload
+
+
+def _later_format(envelope: str) -> bool:
+    """Whether an envelope this release cannot read names a later format (`"ev"`)."""
+    try:
+        fields = json.loads(envelope)
+    except ValueError:
+        return False
+    version = fields.get("ev") if isinstance(fields, dict) else None
+    return isinstance(version, int) and version > FORMAT
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from streamer.config import Settings
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
 from streamer.server import server_options
-from streamer.sources.notify import NotifySource
+from streamer.sources.notify import LISTEN, PING, NotifySource
 from streamer.sources.wal import WalSource
 
 SECRET = "test-secret-for-hs256-tokens-32-bytes-long"
@@ -260,13 +260,14 @@ def change_source(service: Service) -> NotifySource | WalSource:
 
 
 async def send_raw(conn: asyncpg.Connection, payload: str) -> None:
-    """Send `payload` where the service under test reads the feed triggers' payloads, as any
-    role that can connect may: NOTIFY on channel `streamer`, or a transactional logical
-    message with prefix `streamer` in the WAL."""
+    """Send `payload` where the service under test reads the feed triggers' payloads: a
+    transactional logical message with prefix `streamer` in the WAL (any role that can
+    connect may), or a NOTIFY on the feeds' secret channel (only with the rights of schema
+    streamer's owner: `conn` is owner_db)."""
     if SOURCE == "wal":
         await conn.execute("select pg_logical_emit_message(true, 'streamer', $1)", payload)
     else:
-        await conn.execute("select pg_notify('streamer', $1)", payload)
+        await conn.execute("select pg_notify(streamer.channel(), $1)", payload)
 
 
 async def kill_change_connection(service: Service, admin: asyncpg.Connection) -> None:
@@ -320,7 +321,8 @@ async def change_connections(db: asyncpg.Connection) -> int:
     (NOTIFY) or walsenders (WAL)."""
     count: int = await db.fetchval(
         "select count(*) from pg_stat_activity where datname = current_database()"
-        " and (query ilike 'listen%' or backend_type = 'walsender')"
+        " and (query = any($1::text[]) or backend_type = 'walsender')",
+        [LISTEN, PING],
     )
     return count
 

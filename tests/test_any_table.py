@@ -18,6 +18,7 @@ import pytest
 from streamer import keys
 from streamer.auth import mint_token
 from streamer.feeds import Feed
+from streamer.sources.notify import LISTEN, PING
 from tests.client import Event, Stream, open_stream
 from tests.conftest import (
     SECRET,
@@ -210,7 +211,8 @@ async def test_a_new_feed_shares_the_one_change_connection_of_the_process(
         assert (source.pid, dispatcher.sessions) == (listener, sessions)
         listens = await owner_db.fetch(  # LISTENing backends, or walsenders (WAL source)
             "select pid from pg_stat_activity where datname = current_database()"
-            " and (query ilike 'listen%' or backend_type = 'walsender')"
+            " and (query = any($1::text[]) or backend_type = 'walsender')",
+            [LISTEN, PING],
         )
         assert [r["pid"] for r in listens] == [listener]
         ours = {db.get_server_pid(), owner_db.get_server_pid()}

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 
 from streamer import keys
 from streamer.sources.broker import BrokerSource
+from streamer.sources.notify import LISTEN, PING
 from tests import broker as brokers
 from tests import test_postgres_versions as versions
 from tests.broker import Broker
@@ -207,10 +208,10 @@ async def change_connections_by_node(db: asyncpg.Connection) -> tuple[dict[int, 
     (a process id; 0: not found), and pg_stat_activity described for a failure's message.
 
     A change connection is a walsender, or a LISTEN backend: one whose last query was its
-    LISTEN or the source's ping (`select 1`), idle, and not the election's (application
-    name `reader`). A pool's idle connection shows asyncpg's reset query instead, and
-    conftest's change_connections counts only a backend whose last query is LISTEN, which
-    a LISTEN backend stops being at its first ping (5 s)."""
+    LISTEN (`select streamer.listen()`) or the source's ping, idle, and not the election's
+    (application name `reader`). A pool's idle connection shows asyncpg's reset query
+    instead; conftest's change_connections counts any backend whose last query is one of
+    the two, whatever its state."""
     rows = await db.fetch(
         "select pid, client_port, application_name, backend_type, state, wait_event_type,"
         " query from pg_stat_activity where datname = current_database()"
@@ -223,7 +224,7 @@ async def change_connections_by_node(db: asyncpg.Connection) -> tuple[dict[int, 
         or (
             row["application_name"] != "reader"
             and row["state"] == "idle"
-            and (row["query"].lower().startswith("listen") or row["query"] == "select 1")
+            and row["query"] in (LISTEN, PING)
         )
     ]
     owners = owners_of({row["client_port"] for row in rows if row["client_port"]})

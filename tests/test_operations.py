@@ -90,8 +90,9 @@ async def test_metrics_count_streams_events_drops_reconnects_and_lag(
             await insert_file(db, user, f"{i}.pdf")
         for _ in range(3):
             await stream.next()
-        # A notification that no feed trigger signed is rejected, and counted.
-        await send_raw(db, "not a change")
+        # A notification that is no change (the feeds' channel needs the owner's rights) is
+        # rejected, and counted.
+        await send_raw(owner_db, "not a change")
 
         async def rejected() -> bool:
             return await sample("streamer_notifications_rejected_total") == 1

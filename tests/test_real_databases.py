@@ -19,12 +19,14 @@ import pytest
 from psycopg import sql
 
 from streamer.changes import MAX_HORIZON, Change, signed_text
+from streamer.sources.notify import LISTEN, PING
 from tests.client import Stream, open_stream
 from tests.conftest import (
     SOURCE,
     PostgresServer,
     Service,
     as_role,
+    change_source,
     insert_file,
     send_raw,
     token_for,
@@ -187,15 +189,18 @@ async def nobody(postgres: PostgresServer, database_url: str) -> AsyncIterator[a
 
 
 async def genuine_payload(
-    service: Service, nobody: asyncpg.Connection, owner_db: asyncpg.Connection, file_id: uuid.UUID
+    service: Service, owner_db: asyncpg.Connection, file_id: uuid.UUID
 ) -> str:
-    """A real signed payload of the change that made `file_id`, as a forger would copy it:
-    with NOTIFY, a listener on the channel sees them go by. With wal no change travels in
-    a message any more (the rows are decoded), so this is the one the fleet's reader would
-    relay, signed with the real key: even that, put in the WAL as a message, shows nothing."""
+    """A real payload of the change that made `file_id`, as a forger would write one (the
+    trigger's format is public: function sources are readable by everyone). With notify it
+    is read here on the feeds' channel, which only the owner can name; with wal no change
+    travels in a message any more (the rows are decoded), so this is the one the fleet's
+    reader would relay, signed with the real key: even that, put in the WAL as a message,
+    shows nothing."""
     if SOURCE == "notify":
         seen: asyncio.Queue[str] = asyncio.Queue()
-        await nobody.add_listener("streamer", lambda *args: seen.put_nowait(args[-1]))
+        channel = await owner_db.fetchval("select streamer.channel()")
+        await owner_db.add_listener(channel, lambda *args: seen.put_nowait(args[-1]))
         await owner_db.execute("update files set progress = progress where id = $1", file_id)
         return await asyncio.wait_for(seen.get(), 10)
     key: bytes = await owner_db.fetchval("select key from streamer.signing_key")
@@ -222,10 +227,9 @@ async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
 ) -> None:
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await nobody.fetchval("select count(*) from files")
-    # The trigger's format is public (function sources are readable by everyone).
     real = await insert_file(db, user, "real.pdf")
-    genuine = await genuine_payload(service, nobody, owner_db, real)
-    signature, body = genuine[:64], genuine[64:]
+    genuine = await genuine_payload(service, owner_db, real)
+    signature, body = ("", genuine) if SOURCE == "notify" else (genuine[:64], genuine[64:])
     envelope, _, row = body.partition("\n")
     fields = json.loads(envelope)
     newer = {**fields, "v": fields["v"] * 2, "x": fields["x"] + 10, "m": fields["m"] + 5}
@@ -233,10 +237,11 @@ async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
     forged_body = json.dumps(newer) + "\n" + phishing
     forgeries = [
         forged_body,  # unsigned, in the trigger's format
-        signature + forged_body,  # a real signature on other content
         hmac.new(b"guessed-key", forged_body.encode(), hashlib.sha256).hexdigest() + forged_body,
         "0" * 64 + forged_body,
     ]
+    if signature:
+        forgeries.append(signature + forged_body)  # a real signature on other content
 
     async def rejected() -> float:
         samples = await scrape(service.session, service.url("/metrics"))
@@ -249,30 +254,85 @@ async def test_a_role_that_can_only_connect_cannot_make_a_user_see_anything(
             await nobody.execute(
                 "select pg_logical_emit_message(false, 'streamer', $1)", forgeries[0]
             )
-        for payload in forgeries:
-            await send_raw(nobody, payload)
-        if SOURCE == "wal":
+            for payload in forgeries:
+                await send_raw(nobody, payload)
             # Even signed with the real key: no message makes a row, only row changes do.
             key: bytes = await owner_db.fetchval("select key from streamer.signing_key")
             mac = hmac.new(key, forged_body.encode(), hashlib.sha256).hexdigest()
             await send_raw(nobody, mac + forged_body)
 
-        async def all_rejected() -> bool:
-            return await rejected() == before + len(forgeries)
+            async def all_rejected() -> bool:
+                return await rejected() == before + len(forgeries)
 
-        await wait_until(all_rejected)
+            await wait_until(all_rejected)
+        else:
+            # The channel is the secret: the forger can neither name it nor call what does.
+            for secret in ("select streamer.channel()", "select streamer.listen()",
+                           "select key from streamer.signing_key"):  # fmt: skip
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await nobody.execute(secret)
+            # Sent where earlier releases listened, and on a guess: nothing reaches the service.
+            for channel in ("streamer", "streamer_" + "0" * 40, "streamer_files"):
+                for payload in forgeries:
+                    await nobody.execute("select pg_notify($1, $2)", channel, payload)
         await db.execute("update files set progress = 7 where id = $1", real)
         # (The insert itself may come first: it may still be on its way when the stream opens.)
         while (update := await stream.next()).file["progress"] != 7:
             assert update.file["filename"] == "real.pdf"
         assert update.file["filename"] == "real.pdf"
         assert all("PHISHING" not in e.data for e in stream.events)
+    if SOURCE == "notify":
+        assert await rejected() == before  # they never reached it
+
+
+async def test_a_role_that_can_only_connect_cannot_listen_to_the_rows(
+    service: Service,
+    db: asyncpg.Connection,
+    owner_db: asyncpg.Connection,
+    nobody: asyncpg.Connection,
+    user: uuid.UUID,
+) -> None:
+    """Under notify the triggers send on a channel named after the signing key, which the
+    forger cannot read, and nowhere else; nor does the name show where a monitoring role
+    (pg_read_all_stats) looks: the change connection's query text, or a function's source."""
+    if SOURCE != "notify":
+        pytest.skip("with wal, changes travel in the WAL, which only a replication role reads")
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    for channel in ("streamer", "streamer_files", "files"):
+        await nobody.add_listener(channel, lambda *args: heard.put_nowait(args[-1]))
+    secret: str = await owner_db.fetchval("select streamer.channel()")
+    file_id = await insert_file(db, user, "private.pdf")
+    await db.execute("update files set progress = 50 where id = $1", file_id)
+    # Notifications arrive in commit order: all the triggers sent came before this one.
+    await owner_db.execute("select pg_notify('streamer', 'end of test')")
+    while (payload := await asyncio.wait_for(heard.get(), 10)) != "end of test":
+        assert str(file_id) not in payload and "private.pdf" not in payload
+
+    await owner_db.execute("grant pg_read_all_stats to " + NOBODY)
+    try:
+        listener = change_source(service).pid
+        query = await nobody.fetchval("select query from pg_stat_activity where pid = $1", listener)
+        assert query in (LISTEN, PING)
+        everywhere = await nobody.fetchval(
+            "select string_agg(query, ' ') from pg_stat_activity where pid <> pg_backend_pid()"
+        )
+        assert secret not in everywhere
+    finally:
+        await owner_db.execute("revoke pg_read_all_stats from " + NOBODY)
+    sources = await nobody.fetchval("select string_agg(prosrc, ' ') from pg_proc")
+    assert "streamer.channel()" in sources and secret not in sources
 
 
 @pytest.mark.usefixtures("nothing_logged_at_error")
 async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable(
-    service: Service, db: asyncpg.Connection, user: uuid.UUID, other_user: uuid.UUID
+    service: Service,
+    db: asyncpg.Connection,
+    owner_db: asyncpg.Connection,
+    user: uuid.UUID,
+    other_user: uuid.UUID,
 ) -> None:
+    # Under notify only the owner's rights reach the feeds' channel; under wal anyone's.
+    sender = owner_db if SOURCE == "notify" else db
     theirs = await insert_file(db, other_user, "their-secret.pdf")
 
     def change(op: str, file_id: uuid.UUID, owner: uuid.UUID, v: int, x: int, m: int) -> str:
@@ -297,7 +357,7 @@ async def test_forged_notifications_neither_leak_a_row_nor_make_cursors_unusable
     url = service.url(EVENTS)
     async with open_stream(service.session, url, token_for(user)) as stream:
         for payload in forged:
-            await send_raw(db, payload)
+            await send_raw(sender, payload)
         mine = await insert_file(db, user, "mine.pdf")
         event = await stream.next()
         assert event.file["id"] == str(mine)

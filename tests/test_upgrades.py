@@ -6,6 +6,7 @@ it cannot read (a later release's) ends its streams and is unready, never silent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -45,10 +46,13 @@ from tests.conftest import (
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
-PREVIOUS = "f9a6801"  # the release before this one: its sql/ is 001-004 as shipped
+PREVIOUS = "f9a6801"  # release 0.1: its sql/ is 001-004 as shipped
+# Release 0.2.0 (sql/ 001-005): the first that ends its streams on a change it cannot read.
+RELEASE_0_2_0 = "85e49f1"
 EVENTS = "/api/files/events"
 # What this release ships beyond the previous one's sql/ (001-004).
 SINCE_PREVIOUS = sorted(p.name for p in (ROOT / "sql").glob("*.sql") if p.name >= "005")
+SINCE_0_2_0 = [name for name in SINCE_PREVIOUS if name >= "006"]
 
 
 def bearer(user: uuid.UUID) -> dict[str, str]:
@@ -125,9 +129,11 @@ async def test_a_change_of_a_later_format_ends_the_streams_and_the_process_stays
     change = {"ev": FORMAT + 1, "f": "files", "o": "u", "id": str(uuid.uuid4()), "u": str(user),
               "v": 1, "x": 1, "m": 1, "e": False, "new": "what a later release adds"}  # fmt: skip
     future = json.dumps(change)
-    signed = hmac.new(key, future.encode(), hashlib.sha256).hexdigest() + future
+    # On the feeds' own channel as the triggers send (NOTIFY), or signed where anyone writes.
+    if SOURCE == "wal":
+        future = hmac.new(key, future.encode(), hashlib.sha256).hexdigest() + future
     async with open_stream(service.session, service.url(EVENTS), token_for(user)) as stream:
-        await send_raw(owner_db, signed)
+        await send_raw(owner_db, future)
         await stream.end()
     dispatcher = service.app[keys.DISPATCHER]
     assert dispatcher.deaf is not None and "cannot read" in dispatcher.deaf
@@ -143,15 +149,14 @@ async def test_a_change_of_a_later_format_ends_the_streams_and_the_process_stays
 # -- a rolling deploy: the previous release's node beside this one ----------------------
 
 
-@pytest.fixture(scope="module")
-def previous_release() -> Iterator[Path]:
-    """The previous release's code, from this repository's history."""
+def release(commit: str) -> Iterator[Path]:
+    """A release's code, from this repository's history."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("no git history to take the previous release from")
     where = Path(tempfile.mkdtemp(prefix="streamer-previous-"))
     archive = where / "release.tar"
     subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "-o", str(archive), PREVIOUS, "streamer", "sql"],
+        ["git", "-C", str(ROOT), "archive", "-o", str(archive), commit, "streamer", "sql"],
         check=True, capture_output=True,
     )  # fmt: skip
     with tarfile.open(archive) as tar:
@@ -160,12 +165,40 @@ def previous_release() -> Iterator[Path]:
     shutil.rmtree(where, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def previous_release() -> Iterator[Path]:
+    yield from release(PREVIOUS)
+
+
+@pytest.fixture(scope="module")
+def release_0_2_0() -> Iterator[Path]:
+    yield from release(RELEASE_0_2_0)
+
+
 @pytest.fixture
 async def previous_node(
     previous_release: Path, postgres: PostgresServer
 ) -> AsyncIterator[tuple[str, str, asyncio.subprocess.Process]]:
     """A node of the previous release serving a database it migrated: (its URL, the
     database's, its process)."""
+    async with node_of(previous_release, postgres) as node:
+        yield node
+
+
+@pytest.fixture
+async def node_0_2_0(
+    release_0_2_0: Path, postgres: PostgresServer
+) -> AsyncIterator[tuple[str, str, asyncio.subprocess.Process]]:
+    async with node_of(release_0_2_0, postgres) as node:
+        yield node
+
+
+@contextlib.asynccontextmanager
+async def node_of(
+    previous_release: Path, postgres: PostgresServer
+) -> AsyncIterator[tuple[str, str, asyncio.subprocess.Process]]:
+    """A node of a release serving a database it migrated: (its URL, the database's, its
+    process)."""
     with fresh_database(postgres, None) as url:
         port = _free_port()
         env = {
@@ -197,40 +230,46 @@ async def previous_node(
                 await node.wait()
 
 
-async def test_a_node_of_the_previous_release_goes_on_delivering_after_this_migration(
-    previous_node: tuple[str, str, asyncio.subprocess.Process], user: uuid.UUID
+async def test_a_node_of_release_0_2_0_ends_its_streams_at_this_migration_and_they_resume(
+    node_0_2_0: tuple[str, str, asyncio.subprocess.Process], user: uuid.UUID
 ) -> None:
+    """It LISTENs on channel `streamer`, where the triggers no longer send: the migration
+    (and every node of this release, at each ping) tells it there, with a change of a
+    format it cannot read, so it ends its streams and is unready, never open and deaf. Its
+    client resumes on this release from its cursor with nothing lost."""
     if SOURCE == "wal":
         pytest.skip("with wal, the migration waits for the previous release to stop (below)")
-    base, url, _ = previous_node
-    async with (
-        aiohttp.ClientSession() as session,
-        open_stream(session, base + EVENTS, token_for(user)) as old,
-    ):
-        assert migrate(url, SOURCE) == SINCE_PREVIOUS
+    base, url, _ = node_0_2_0
+    db = await asyncpg.connect(url)
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            open_stream(session, base + EVENTS, token_for(user)) as old,
+        ):
+            first = await insert_file(db, user, "before-the-deploy.pdf")
+            assert (await old.next()).file["id"] == str(first)
+            cursor = old.last_id
+            assert migrate(url, SOURCE) == SINCE_0_2_0
+            second = await insert_file(db, user, "during-the-deploy.pdf")
+            rest = await old.end()  # the node ends the stream: it cannot read on
+            assert str(second) not in "".join(e.data for e in rest)
+            async with session.get(base + "/readyz") as ready:
+                assert ready.status == 503
         new = await start_service(url)
-        db = await asyncpg.connect(url)
         try:
-            async with open_stream(new.session, new.url(EVENTS), token_for(user)) as fresh:
-                file_id = await insert_file(db, user, "deployed.pdf")
-                on_old, on_new = await old.next(), await fresh.next()
-                version = await db.fetchval(
-                    "select streamer_version from files where id = $1", file_id
-                )
-            # The previous release's node cannot read a snapshot any more: refused (503,
-            # which nginx passes to the next node), never a stream that is open and wrong.
-            snapshot = {"snapshot": "1"}
-            async with session.get(base + EVENTS, headers=bearer(user), params=snapshot) as refused:
-                assert refused.status == 503
+            async with open_stream(
+                new.session, new.url(EVENTS), token_for(user),
+                headers={"Last-Event-ID": cursor or ""},
+            ) as resumed:  # fmt: skip
+                names = [e.name for e in resumed.events]
+                ids = [e.file["id"] for e in resumed.events if e.name == "file-update"]
+                assert str(second) in ids and "reset" not in names
+                third = await insert_file(db, user, "after-the-deploy.pdf")
+                assert (await resumed.next()).file["id"] == str(third)
         finally:
-            await db.close()
             await stop_service(new)
-    for event in (on_old, on_new):
-        assert (event.name, event.file["id"], event.file["version"]) == (
-            "file-update",
-            str(file_id),
-            version,
-        )
+    finally:
+        await db.close()
 
 
 async def test_with_wal_this_migration_waits_for_the_previous_release_to_stop_reading(

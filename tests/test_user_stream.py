@@ -136,14 +136,15 @@ async def test_a_row_too_big_to_travel_never_arrives_older_after_newer(
         assert [e.file["version"] for e in rest] == sorted(e.file["version"] for e in rest)
 
 
-async def test_notification_payloads_stay_under_8000_bytes(db, user):
+async def test_notification_payloads_stay_under_8000_bytes(db, owner_db, user):
     payloads: asyncio.Queue[str] = asyncio.Queue()
-    await db.add_listener("streamer", lambda *args: payloads.put_nowait(args[3]))
+    channel = await owner_db.fetchval("select streamer.channel()")  # the feeds' own
+    await owner_db.add_listener(channel, lambda *args: payloads.put_nowait(args[3]))
     file_id = await insert_file(db, user, "n" * 20_000, error_message="e" * 1_000_000)
     await db.execute("update files set progress = 1 where id = $1", file_id)
     await db.execute("delete from files where id = $1", file_id)
     # Notifications arrive in commit order: every one the triggers sent is before this.
-    await db.execute("select pg_notify('streamer', 'end of test')")
+    await owner_db.execute("select pg_notify($1, 'end of test')", channel)
     sizes = []
     while (payload := await asyncio.wait_for(payloads.get(), 5)) != "end of test":
         sizes.append(len(payload.encode()))

@@ -6,6 +6,7 @@ python -m bench.investigations.diagnose memory [--streams 2000] [--plain]
     stream, by file and by line.
 
 python -m bench.investigations.diagnose triggers [--seconds 4] [--rounds 4]
+        [--only "bare;feed;..."] [--fsync-off]
     What each part of the feed's triggers costs a writer: pgbench against variants of
     the AFTER trigger, in alternating rounds, each variant's median TPS against the bare
     one-line pg_notify.
@@ -156,7 +157,24 @@ _NO_SIGNATURE = (
     "convert_to(body, 'UTF8'))), 'hex') || body",
     "body",
 )
-_ROW_TO_JSON = ("((j - 'user_id'))::text", "row_to_json(new)::text")
+_ROW_TO_JSON = (
+    "(((j - 'user_id' - 'version' - 'streamer_version') || "
+    "jsonb_build_object('version', j->'streamer_version')))::text",
+    "row_to_json(new)::text",
+)
+# How the trigger proved its origin before sql/007: an HMAC-SHA256 in plpgsql, on channel
+# `streamer`, instead of the secret channel.
+_HMAC = (
+    "encode(sha256(streamer.signing_opad() || sha256(streamer.signing_ipad() || "
+    "convert_to(body, 'UTF8'))), 'hex') || body"
+)
+_SIGNED = ("pg_notify(streamer.channel(), body)", f"pg_notify('streamer', {_HMAC})")
+# A cheaper MAC than the HMAC: one md5 over the key (a constant of the plan) and the payload.
+_MD5 = (
+    "pg_notify(streamer.channel(), body)",
+    "pg_notify('streamer', md5(encode(streamer.signing_ipad(), 'hex') || body) || body)",
+)
+_NO_HORIZON = ("txid_snapshot_xmin(txid_current_snapshot())", "0")
 
 
 VARIANTS: dict[str, Variant] = {
@@ -173,17 +191,22 @@ VARIANTS: dict[str, Variant] = {
         _STAMP + _FAST.replace("HORIZON", _HORIZON).replace("RESULT", "new"), before=True
     ),
     "feed": Variant(None),
+    "feed, HMAC-signed": Variant(None, edits=(_SIGNED,)),
+    "feed, keyed md5": Variant(None, edits=(_MD5,)),
     "feed, no SET TimeZone": Variant(None, edits=(_NO_TZ,)),
     "feed, no SET clauses": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH)),
     "feed, invoker, no SET": Variant(None, edits=(_NO_TZ, _NO_SEARCH_PATH, _NO_DEFINER)),
     "feed, no terminal": Variant(None, edits=(_NO_TERMINAL,)),
-    "feed, unsigned": Variant(None, edits=(_NO_SIGNATURE,)),
+    "feed, no horizon": Variant(None, edits=(_NO_HORIZON,)),
     "feed, row_to_json": Variant(None, edits=(_ROW_TO_JSON,)),
 }
 
 
 def _set_variant(pg: Postgres, name: str) -> None:
     variant = VARIANTS[name]
+    if name == "none":
+        configure(pg, "none")  # no trigger at all (body None means the feed's own)
+        return
     configure(pg, "feed" if variant.body is None else "none")
     if variant.body is None:
         if variant.edits:
@@ -205,8 +228,11 @@ def _set_variant(pg: Postgres, name: str) -> None:
         )
 
 
-def triggers(seconds: float, rounds: int) -> None:
-    pg = Postgres(fast=False)
+def triggers(seconds: float, rounds: int, only: list[str], fsync_off: bool) -> None:
+    unknown = [name for name in only if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"no variant {unknown[0]!r}; there are: {', '.join(VARIANTS)}")
+    pg = Postgres(fast=fsync_off)
     records = scratch_dir()
     try:
         pg.start()
@@ -220,7 +246,7 @@ def triggers(seconds: float, rounds: int) -> None:
             _set_variant(pg, name)
             return pgbench(pg, script, seconds)["tps"]
 
-        runs = alternating(list(VARIANTS), rounds, one)
+        runs = alternating(only or list(VARIANTS), rounds, one)
         print_medians(runs, "bare", "the bare one-line pg_notify")
     finally:
         cleanup(pg)
@@ -240,12 +266,15 @@ def main() -> None:
     trig = commands.add_parser("triggers", help="writer cost of each part of the triggers")
     trig.add_argument("--seconds", type=float, default=4)
     trig.add_argument("--rounds", type=int, default=4)
+    trig.add_argument("--only", default="", help="variants separated by ; (bare among them)")
+    trig.add_argument("--fsync-off", action="store_true", help="Postgres with fsync off")
     args = parser.parse_args()
     raise_nofile()
     if args.command == "memory":
         memory(args.streams, args.plain)
     else:
-        triggers(args.seconds, args.rounds)
+        only = [name.strip() for name in args.only.split(";") if name.strip()]
+        triggers(args.seconds, args.rounds, only, args.fsync_off)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from streamer.changes import Payload
 
 class Source(Protocol):
     name: str  # what STREAMER_SOURCE names it: notify or wal
-    description: str  # for the log, once changes flow: "listening on channel 'streamer'"
+    description: str  # for the log, once changes flow: "listening on channel ..."
 
     async def connect(self, receive: Callable[[Payload], None]) -> None:
         """Open the change connection. From then on every payload committed for the feeds

@@ -43,7 +43,7 @@ APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo example app test lint format pytest js-deps js-test browser-deps \
+.PHONY: help install run demo example app test lint format pytest js-deps js-test browser-deps net-deps \
 	nginx-deps broker-deps lock bench soak clean
 
 help: ## list the targets
@@ -105,6 +105,13 @@ broker-deps: ## install Debian's redis-server (run by the fleet's tests and exam
 	fi
 	@test -x $(REDIS)
 
+net-deps: ## install Debian's iproute2 (`ss`, which a test reads the listen backlog with)
+	@if ! command -v ss >/dev/null; then \
+		echo "installing iproute2 (apt-get)"; \
+		$(APT_INSTALL) iproute2 >/dev/null; \
+	fi
+	@command -v ss >/dev/null
+
 js-deps: ## install Node.js and npm (Debian's) when missing
 	@if ! command -v node >/dev/null; then \
 		echo "installing nodejs (apt-get)"; \
@@ -153,7 +160,7 @@ js-test: js-deps $(SERVED) client/LICENSE ## the client package's tests (Node's 
 SOURCE_FREE := test_auth.py test_dispatch.py test_client_types.py test_migrations.py \
 	test_wal_source.py
 
-pytest: install browser-deps nginx-deps broker-deps app
+pytest: install browser-deps nginx-deps broker-deps net-deps app
 	$(BIN)/python -m pytest -q
 	STREAMER_SOURCE=wal $(BIN)/python -m pytest -q $(addprefix --ignore=tests/,$(SOURCE_FREE))
 

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     files_table: bool = True
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=8080, ge=0, le=65535)
+    # Connections the kernel queues before the service accepts them (capped by
+    # net.core.somaxconn): a crowd reconnecting at once must not be dropped at the door.
+    listen_backlog: int = Field(default=4096, ge=1, le=65535)
     jwt_secret: str | None = None
     jwks_url: str | None = None
     jwt_audience: str | None = None

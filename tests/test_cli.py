@@ -350,3 +350,17 @@ async def test_sigterm_during_start_up_stops_the_embedded_postgres_and_exits_0(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         postgres.destroy()
+
+
+async def test_the_listen_backlog_is_the_configured_one(database_url):
+    """A crowd reconnecting at once (a restart under 100,000 tabs) meets the kernel's queue
+    of connections not yet accepted: aiohttp's 128 dropped most of them (bench `crowd`).
+    `ss` shows a listening socket's backlog as its Send-Q."""
+    async with serving(database_url, STREAMER_PORT="0", STREAMER_LISTEN_BACKLOG="777") as server:
+        port = server.base_url.rsplit(":", 1)[1]
+        ss = await asyncio.create_subprocess_exec(
+            "ss", "-Hltn", f"sport = :{port}", stdout=subprocess.PIPE
+        )
+        listing = (await ss.communicate())[0].decode().split()
+        assert listing[0] == "LISTEN" and listing[2] == "777", listing
+        assert await server.stop() == 0

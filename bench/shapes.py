@@ -93,12 +93,12 @@ def _import(ctx: Context, user: uuid.UUID, rows: int) -> None:
 
 
 def _plan(ctx: Context, user: uuid.UUID) -> str:
-    """The plan of the shaped snapshot's query as the service sends it."""
+    """The plan of the shaped snapshot's query as the service sends and plans it."""
     shape = parse_shape([("status", "eq.failed")], FILES_COLUMNS)
     where, params = shape.where(3, alias="r")
     sql = queries.since(FILES, tombstones=False, where=where)
     with ctx.pg.connect() as conn:
-        conn.execute("set plan_cache_mode = force_generic_plan")
+        conn.execute("set plan_cache_mode = force_custom_plan")  # as the service plans it
         conn.execute(f"prepare shaped(text[], bigint, text) as {sql}")
         # EXECUTE takes no bound parameters: the values are quoted in by the client.
         rows = (

@@ -267,6 +267,20 @@ def delivery(
     }
 
 
+def versions(
+    ctx: Context, s: Settings, remotes: list[Remote], people: Population
+) -> tuple[Any, Any]:
+    """Every tab's row version, and the database's for the same row."""
+    replies = call_all(remotes, "state")
+    index = np.array([i for r in replies for i in r["index"]], dtype=np.int64)
+    seen = np.array([v for r in replies for v in r["version"]], dtype=np.int64)
+    with ctx.pg.connect() as conn:
+        query = "select id::text, streamer_version from files where id = any(%s::uuid[])"
+        found = dict(conn.execute(query, (people.rows,)).fetchall())
+    truth = np.array([found[people.rows[u]] for u in plan(s.users, s.tabs)[index]])
+    return seen, truth
+
+
 def herd(
     ctx: Context,
     s: Settings,
@@ -304,14 +318,7 @@ def herd(
     time.sleep(3)  # the last commits' events
     stats = total(call_all(remotes, "stats"))
     call_all(remotes, "dump")  # the arrivals of this phase are not timed
-    # Every tab's row version against the database's.
-    replies = call_all(remotes, "state")
-    index = np.array([i for r in replies for i in r["index"]], dtype=np.int64)
-    seen = np.array([v for r in replies for v in r["version"]], dtype=np.int64)
-    with ctx.pg.connect() as conn:
-        query = "select id::text, streamer_version from files where id = any(%s::uuid[])"
-        versions = dict(conn.execute(query, (people.rows,)).fetchall())
-    truth = np.array([versions[people.rows[u]] for u in plan(s.users, s.tabs)[index]])
+    seen, truth = versions(ctx, s, remotes, people)
     after = (resynced - killed) / 1e9
     return {
         "restart_s": None if restart_s is None else round(restart_s, 2),

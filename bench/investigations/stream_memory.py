@@ -126,6 +126,95 @@ def _parts(
     ]
 
 
+def _print_heap(before: Any, after: Any, n: int, rss: int) -> None:
+    stats = after.compare_to(before, "lineno")
+    heap = sum(s.size_diff for s in stats)
+    print(f"{n} streams: Python heap +{heap / n:,.0f} B per stream (tracemalloc); RSS "
+          f"+{rss / n:,.0f} B (tracemalloc's bookkeeping included)\n")  # fmt: skip
+    by_file: Counter[str] = Counter()
+    for s in stats:
+        by_file[_short(s.traceback[0].filename)] += s.size_diff
+    print("by file (B per stream):")
+    for name, size in by_file.most_common(18):
+        print(f"  {size / n:7,.0f}  {name}")
+    print("\nby line:")
+    for s in stats[:25]:
+        frame = s.traceback[0]
+        print(f"  {s.size_diff / n:7,.0f} B {s.count_diff / n:5.1f} blocks  "
+              f"{_short(frame.filename)}:{frame.lineno}")  # fmt: skip
+
+
+def _print_objects(
+    objects: list[Any], old_types: Counter[str], old_sizes: Counter[str], n: int
+) -> None:
+    objects = gc.get_objects()
+    types_now = Counter(type(o).__name__ for o in objects)
+    sizes_now: Counter[str] = Counter()
+    for o in objects:
+        sizes_now[type(o).__name__] += sys.getsizeof(o)
+    print("\ngc-tracked objects added, per stream (count, sys.getsizeof B):")
+    added = {t: (types_now[t] - old_types[t], sizes_now[t] - old_sizes[t]) for t in types_now}
+    for name, (count, size) in sorted(added.items(), key=lambda kv: -kv[1][1])[:22]:
+        print(f"  {count / n:5.2f}  {size / n:7,.0f} B  {name}")
+
+
+def _print_owners(app: web.Application, objects: list[Any], old: set[int], n: int) -> Any:
+    hub = app[keys.HUB]
+    subs = {id(sub._sink._transport): sub for sub in hub.subscribers() if sub._sink is not None}
+    protocols = [o for o in objects if type(o).__name__ == "RequestHandler"
+                 and id(o) not in old and o._current_request is not None]  # fmt: skip
+    responses = {id(o._req): o for o in objects
+                 if isinstance(o, web.StreamResponse) and getattr(o, "_req", None)}  # fmt: skip
+    sample = protocols[:SAMPLE]
+    owners: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    claimed: set[int] = set()
+    kinds: dict[str, Counter[str]] = {}
+    for protocol in sample:
+        parts = [(name, root) for name, root in _parts(protocol, subs, responses) if root]
+        roots = {id(root) for _, root in parts}
+        for name, root in parts:
+            mine = kinds.setdefault(name, Counter())
+            size, count = _claim(root, old, claimed, roots - {id(root)}, mine)
+            owners[name] += size
+            counts[name] += count
+    walked = sum(owners.values()) / len(sample)
+    print(f"\nper stream, by owner (sys.getsizeof of new objects reachable; {len(sample)} "
+          f"streams walked; {walked:,.0f} B in all):")  # fmt: skip
+    for name, size in owners.items():
+        print(f"  {size / len(sample):7,.0f} B  {counts[name] / len(sample):5.1f} objects  {name}")
+        top = ", ".join(f"{k} {v / len(sample):,.0f}" for k, v in kinds[name].most_common(4))
+        print(f"             {top}")
+    index = sys.getsizeof(hub._by_key) + sys.getsizeof(hub._per_user)
+    index += sum(sys.getsizeof(s) for s in hub._by_key.values())
+    print(f"  {index / n:7,.0f} B  the hub's index (dict by (feed, owner), sets, per user)")
+    return sample[0]._current_request
+
+
+def _print_timers(old: set[int], n: int) -> None:
+    loop = asyncio.get_running_loop()
+    timers: Counter[str] = Counter()
+    for handle in loop._scheduled:  # type: ignore[attr-defined]
+        if id(handle) not in old:
+            callback = handle._callback
+            timers[getattr(callback, "__qualname__", type(callback).__name__)] += 1
+    print("\ntimers added (loop._scheduled), per stream, by callback:")
+    for name, count in timers.most_common(8):
+        print(f"  {count / n:5.2f}  {name}")
+
+
+def _print_request(request: Any) -> None:
+    print("\none stream's request, sys.getsizeof of its parts (B):")
+    message = request._message
+    raw = message.raw_headers
+    print(f"  Request {sys.getsizeof(request)}, its _cache {sys.getsizeof(request._cache)} "
+          f"({sorted(request._cache)}), {len(raw)} headers: CIMultiDict "
+          f"{sys.getsizeof(request._headers)} + its strings "
+          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in request._headers.items())}; "
+          f"raw_headers tuple {sys.getsizeof(raw)} + its bytes "
+          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in raw)}")  # fmt: skip
+
+
 async def _study(pg: Postgres, streams: int) -> None:
     settings = Settings(database_url=pg.url, jwt_secret=SECRET)
     app = create_app(settings, pg.url, pg.url)
@@ -167,83 +256,12 @@ async def _study(pg: Postgres, streams: int) -> None:
     await asyncio.sleep(1)
     gc.collect()
     rss1, after = rss_bytes(os.getpid()), tracemalloc.take_snapshot()
-    n = streams
-    stats = after.compare_to(before, "lineno")
-    heap = sum(s.size_diff for s in stats)
-    print(f"{n} streams: Python heap +{heap / n:,.0f} B per stream (tracemalloc); RSS "
-          f"+{(rss1 - rss0) / n:,.0f} B (tracemalloc's bookkeeping included)\n")  # fmt: skip
-    by_file: Counter[str] = Counter()
-    for s in stats:
-        by_file[_short(s.traceback[0].filename)] += s.size_diff
-    print("by file (B per stream):")
-    for name, size in by_file.most_common(18):
-        print(f"  {size / n:7,.0f}  {name}")
-    print("\nby line:")
-    for s in stats[:25]:
-        frame = s.traceback[0]
-        print(f"  {s.size_diff / n:7,.0f} B {s.count_diff / n:5.1f} blocks  "
-              f"{_short(frame.filename)}:{frame.lineno}")  # fmt: skip
-
+    _print_heap(before, after, streams, rss1 - rss0)
     objects = gc.get_objects()
-    types_now = Counter(type(o).__name__ for o in objects)
-    sizes_now: Counter[str] = Counter()
-    for o in objects:
-        sizes_now[type(o).__name__] += sys.getsizeof(o)
-    print("\ngc-tracked objects added, per stream (count, sys.getsizeof B):")
-    added = {t: (types_now[t] - old_types[t], sizes_now[t] - old_sizes[t]) for t in types_now}
-    for name, (count, size) in sorted(added.items(), key=lambda kv: -kv[1][1])[:22]:
-        print(f"  {count / n:5.2f}  {size / n:7,.0f} B  {name}")
-
-    hub = app[keys.HUB]
-    subs = {id(sub._sink._transport): sub for sub in hub.subscribers() if sub._sink is not None}
-    protocols = [o for o in objects if type(o).__name__ == "RequestHandler"
-                 and id(o) not in old and o._current_request is not None]  # fmt: skip
-    responses = {id(o._req): o for o in objects
-                 if isinstance(o, web.StreamResponse) and getattr(o, "_req", None)}  # fmt: skip
-    sample = protocols[:SAMPLE]
-    owners: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
-    claimed: set[int] = set()
-    kinds: dict[str, Counter[str]] = {}
-    for protocol in sample:
-        parts = [(name, root) for name, root in _parts(protocol, subs, responses) if root]
-        roots = {id(root) for _, root in parts}
-        for name, root in parts:
-            mine = kinds.setdefault(name, Counter())
-            size, count = _claim(root, old, claimed, roots - {id(root)}, mine)
-            owners[name] += size
-            counts[name] += count
-    walked = sum(owners.values()) / len(sample)
-    print(f"\nper stream, by owner (sys.getsizeof of new objects reachable; {len(sample)} "
-          f"streams walked; {walked:,.0f} B in all):")  # fmt: skip
-    for name, size in owners.items():
-        print(f"  {size / len(sample):7,.0f} B  {counts[name] / len(sample):5.1f} objects  {name}")
-        top = ", ".join(f"{k} {v / len(sample):,.0f}" for k, v in kinds[name].most_common(4))
-        print(f"             {top}")
-    index = sys.getsizeof(hub._by_key) + sys.getsizeof(hub._per_user)
-    index += sum(sys.getsizeof(s) for s in hub._by_key.values())
-    print(f"  {index / n:7,.0f} B  the hub's index (dict by (feed, owner), sets, per user)")
-
-    loop = asyncio.get_running_loop()
-    timers: Counter[str] = Counter()
-    for handle in loop._scheduled:  # type: ignore[attr-defined]
-        if id(handle) not in old:
-            callback = handle._callback
-            timers[getattr(callback, "__qualname__", type(callback).__name__)] += 1
-    print("\ntimers added (loop._scheduled), per stream, by callback:")
-    for name, count in timers.most_common(8):
-        print(f"  {count / n:5.2f}  {name}")
-
-    request = sample[0]._current_request
-    print("\none stream's request, sys.getsizeof of its parts (B):")
-    message = request._message
-    raw = message.raw_headers
-    print(f"  Request {sys.getsizeof(request)}, its _cache {sys.getsizeof(request._cache)} "
-          f"({sorted(request._cache)}), {len(raw)} headers: CIMultiDict "
-          f"{sys.getsizeof(request._headers)} + its strings "
-          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in request._headers.items())}; "
-          f"raw_headers tuple {sys.getsizeof(raw)} + its bytes "
-          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in raw)}")  # fmt: skip
+    _print_objects(objects, old_types, old_sizes, streams)
+    request = _print_owners(app, objects, old, streams)
+    _print_timers(old, streams)
+    _print_request(request)
     for r in [*warm, *main]:
         r.stop()
     shutil.rmtree(records, ignore_errors=True)

@@ -40,7 +40,6 @@ from streamer.sources.broker import (
     message,
     owner_channel,
 )
-from streamer.tasks import stopped
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +156,12 @@ class Reader:
             self._wake.set()
             self.leading.clear()
             self.metrics.reader.set(0)
-            for child in (publishing, watching):
-                if child is not None:
-                    await stopped(child)
+            # Cancelled itself (the app stops), a `stopped` would raise at the first child
+            # and leave the source, and its walsender, running: cancel both, wait for both.
+            children = [child for child in (publishing, watching) if child is not None]
+            for child in children:
+                child.cancel()
+            await asyncio.gather(*children, return_exceptions=True)
             await source.close()
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await client.aclose()

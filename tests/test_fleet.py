@@ -769,3 +769,18 @@ async def test_a_stream_that_opens_as_the_broker_session_ends_waits_for_the_next
             await following
     finally:
         await stop_service(service)
+    # The service was the fleet's reader: stopped, it reads no more (with wal, its slot and
+    # walsender are gone: they were left running, with the horizon sampled for ever).
+    db = await asyncpg.connect(database_url)
+    try:
+        query = (
+            "select count(*) = 0 from pg_replication_slots where active"
+            " and database = current_database()"
+        )
+
+        async def none_active() -> bool:
+            return bool(await db.fetchval(query))
+
+        await wait_until(none_active, 5)  # a walsender ends a moment after its socket
+    finally:
+        await db.close()

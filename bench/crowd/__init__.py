@@ -309,10 +309,8 @@ def herd(
             if back >= s.streams:
                 break
             time.sleep(0.5)
-        resynced = np.array(
-            [t for r in call_all(remotes, "synced_since", t=killed) for t in r["synced"]],
-            dtype=np.int64,
-        )
+        synced = [t for r in call_all(remotes, "synced_since", t=killed) for t in r["synced"]]
+        resynced = np.array(synced, dtype=np.int64)
         time.sleep(2)
     commits = writer.finish(now=True)
     time.sleep(3)  # the last commits' events

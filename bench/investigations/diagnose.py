@@ -20,6 +20,7 @@ import contextlib
 import gc
 import os
 import shutil
+import statistics
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,6 @@ from bench.writer_cost import (
     configure,
     edit_notify_function,
     pgbench,
-    print_medians,
     seed,
 )
 from streamer.app import create_app
@@ -279,3 +279,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def print_medians(runs: dict[str, list[float]], baseline: str, against: str) -> None:
+    """Each variant's median TPS and its share of `baseline`'s, with every run; then the
+    median of its round-by-round shares (each against `baseline`'s run of the same round,
+    the nearest in time: on a machine others load, the steadier figure), with their range."""
+    base = statistics.median(runs[baseline])
+    width = max(len(name) for name in runs)
+    print(f"\nmedian TPS, and against {against}; paired: median share per round [range]:")
+    for name, tps_runs in runs.items():
+        tps = statistics.median(tps_runs)
+        spread = ", ".join(f"{t:,.0f}" for t in tps_runs)
+        shares = [t / b for t, b in zip(tps_runs, runs[baseline], strict=True)]
+        paired = f"{statistics.median(shares):6.1%} [{min(shares):.0%}-{max(shares):.0%}]"
+        print(f"  {name:{width}s} {tps:8,.0f}  {tps / base:6.1%}   {paired}   ({spread})")

@@ -96,23 +96,46 @@ class Registry:
         expires_at: float,
         view: View = PLAIN,
     ) -> AsyncIterator[Subscriber]:
-        """A stream's place in the hub for as long as it is open, given once its changes
-        flow to this process; at `expires_at` (epoch seconds, the token's `exp`) it gets
-        `token-expired` and ends."""
+        """A stream's place in the hub for the block's length (see `open`)."""
+        sub = await self.open(feed, owners, user, row_id, expires_at=expires_at, view=view)
+        try:
+            yield sub
+        finally:
+            self.release(sub)
+
+    async def open(
+        self,
+        feed: Feed,
+        owners: str | tuple[str, ...],
+        user: str,
+        row_id: str | None,
+        *,
+        expires_at: float,
+        view: View = PLAIN,
+    ) -> Subscriber:
+        """A stream's place in the hub until `release`, given once its changes flow to this
+        process; at `expires_at` (epoch seconds, the token's `exp`) it gets `token-expired`
+        and ends."""
         sub = self.subscribe(feed, owners, user, row_id, view)
         loop = asyncio.get_running_loop()
-        expired = envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True)
         delay = max(0.0, expires_at - time.time())
-        expiry = loop.call_at(loop.time() + delay, lambda: sub.push(expired))
+        sub.expiry = loop.call_at(loop.time() + delay, _expire, sub)
         try:
             for key in sub.keys:
                 following = self._following.get(key)
                 if following is not None:
                     await asyncio.shield(following)
-            yield sub
-        finally:
-            expiry.cancel()
-            self.unsubscribe(sub)
+        except BaseException:
+            self.release(sub)
+            raise
+        return sub
+
+    def release(self, sub: Subscriber) -> None:
+        """The stream's place is given up (again: nothing)."""
+        if sub.expiry is not None:
+            sub.expiry.cancel()
+            sub.expiry = None
+        self.unsubscribe(sub)
 
     def subscribe(
         self,
@@ -212,3 +235,7 @@ class Registry:
             sent += sub.flush()
         if sent:
             self.metrics.events_sent.inc(sent)
+
+
+def _expire(sub: Subscriber) -> None:
+    sub.push(envelope(frame(TokenExpiredEvent(timestamp=now())), closes=True))

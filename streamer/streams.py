@@ -8,8 +8,12 @@ visibility, so nothing is sent twice or older-after-newer.
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import HttpVersion11, web
 
@@ -24,6 +28,7 @@ from streamer.errors import (
     Unavailable,
 )
 from streamer.feeds import Feed
+from streamer.live import Live
 from streamer.shapes import parse_shape
 from streamer.sse import (
     ResetEvent,
@@ -117,17 +122,15 @@ async def _open(request: web.Request) -> web.StreamResponse:
     if request.version >= HttpVersion11:
         response.enable_chunked_encoding()  # the sink writes whole chunks itself
     await response.prepare(request)
-    await response.write(retry_frame(request.app[keys.SETTINGS].retry_ms))
+    # Spread: clients that lost their streams at once (a restart) come back spread out.
+    retry = request.app[keys.SETTINGS].retry_ms * random.uniform(0.5, 1.5)
+    await response.write(retry_frame(round(retry)))
     return response
 
 
-async def _live(
-    request: web.Request, sub: Subscriber, seen: Snapshot, held: set[str] | None = None
-) -> Ended:
-    """Hand the connection to the hub, which writes every later event straight into it,
-    and wait for the stream's end: token expiry, a one-row stream's last event, a cut, a
-    TRUNCATE, the feed disabled, a shutdown, or the client leaving (then aiohttp cancels
-    this handler). Returns why it ended."""
+async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
+    """A one-row stream: the hub writes its events straight into the connection; wait for
+    its end (its last event, token expiry, a cut, a shutdown, the client leaving)."""
     transport = request.transport
     if sub.closed is not None:
         return sub.closed
@@ -135,31 +138,64 @@ async def _live(
         return Ended.GONE
     backlog = request.app[keys.HUB].buffer_limit // 2
     sink = Sink(transport, request.version >= HttpVersion11, request.writer.drain, backlog=backlog)
-    sub.go_live(sink, seen, held)
+    sub.go_live(sink, seen)
     return await sub.ended
 
 
-async def _send(request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-    """Write and wait until the client took it, within the write timeout: a client that
-    stops reading during a catch-up must not hold a pooled connection and its snapshot for
-    ever. It is cut, as a live stream would be, and resumes from its cursor."""
-    try:
-        async with asyncio.timeout(request.app[keys.SETTINGS].write_timeout_seconds):
-            await response.write(data)
-    except TimeoutError:
-        request.app[keys.METRICS].slow_disconnects.inc()
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("the client stopped reading during a catch-up") from None
+class Opening:
+    """Where a stream's set-up writes while aiohttp serves it: the response, begun once the
+    first read is in (a database that cannot be read is a 503 then, not a broken stream)."""
+
+    __slots__ = ("_request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self.response is not None and self.response.prepared
+
+    async def open(self) -> None:
+        if self.response is None:
+            self.response = await _open(self._request)
+
+    async def write(self, data: bytes) -> None:
+        """Write and wait until the client took it, within the write timeout: a client that
+        stops reading during a catch-up is cut (it resumes from its cursor)."""
+        request = self._request
+        await self.open()
+        assert self.response is not None
+        try:
+            async with asyncio.timeout(request.app[keys.SETTINGS].write_timeout_seconds):
+                await self.response.write(data)
+        except TimeoutError:
+            request.app[keys.METRICS].slow_disconnects.inc()
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("the client stopped reading during a catch-up") from None
+
+
+class Out(Protocol):
+    """Where a stream's set-up writes: an Opening, or the Live of a stream starting over."""
+
+    @property
+    def opened(self) -> bool: ...
+
+    async def open(self) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Asked:
-    """What a stream of every row asks for: whose rows, through which view."""
+    """What a stream of every row asks for: whose rows, through which view, for whom."""
 
     feed: Feed
     owners: tuple[str, ...]
     view: View
+    user: str
+    expires_at: float
 
     def frame(self, item: Row | Gone, cursor: str, stamp: bytes) -> bytes:
         if isinstance(item, Gone):
@@ -168,93 +204,119 @@ class Asked:
 
 
 async def _write_since(
-    request: web.Request,
-    response: web.StreamResponse | None,
-    asked: Asked,
-    since: int | None,
-    *,
-    reset: bool,
-    truncated: bool,
-) -> tuple[web.StreamResponse, Snapshot, set[str]]:
+    app: web.Application, out: Out, asked: Asked, since: int | None, *, reset: bool, truncated: bool
+) -> tuple[Snapshot, set[str]]:
     """Write the caller's catch-up (or snapshot) as it is read, a batch at a time in the
     read's own snapshot: each batch is written and drained before the next is fetched, so
     the client's pace sets the reader's, and what the stream holds is one batch however
-    many rows the caller has. Opens the response once the first batch is in (a database
-    that cannot be read is a 503 then, not a broken stream). Returns the response, the
-    read's snapshot and, for a filtered view, the rows its client now holds."""
+    many rows the caller has. Returns the read's snapshot and, for a filtered view, the
+    rows its client now holds."""
     feed, view = asked.feed, asked.view
     # From the WAL a TRUNCATE can come a moment before a new snapshot sees it.
-    visible = request.app[keys.HUB].truncated_by.get(feed.name) if truncated else None
-    reads = request.app[keys.READS]
+    visible = app[keys.HUB].truncated_by.get(feed.name) if truncated else None
     try:
-        async with reads.since(
+        async with app[keys.READS].since(
             feed, asked.owners, since, shape=view.shape, visible=visible
         ) as read:
             resumed = since is not None and not read.reset
             cursor = view.cursor(str(since) if resumed else SNAPSHOT_CURSOR)
             batches = read.batches()
             part = await anext(batches, None)
-            if response is None:
-                response = await _open(request)
+            await out.open()
             if reset or truncated or read.reset:
-                await response.write(frame(ResetEvent(timestamp=now())))
+                await out.write(frame(ResetEvent(timestamp=now())))
             while part is not None:
                 stamp = timestamp_now()
-                data = b"".join(asked.frame(i, cursor, stamp) for i in part.items)
-                await _send(request, response, data)
+                await out.write(b"".join(asked.frame(i, cursor, stamp) for i in part.items))
                 part = await anext(batches, None)
-            return response, read.snapshot, await read.held()
+            return read.snapshot, await read.held()
     except CONNECTION_ERRORS as exc:
-        if response is None or not response.prepared:
+        if not out.opened:
             raise Unavailable("The database is not reachable; retry shortly.") from exc
         raise ConnectionResetError("the database went away during a catch-up") from exc
+
+
+async def _start(
+    app: web.Application,
+    asked: Asked,
+    out: Out,
+    live: Live,
+    since: int | None,
+    *,
+    reset: bool = False,
+    snapshot: bool = False,
+    truncated: bool = False,
+) -> Subscriber:
+    """Set a stream up: its place in the hub (taken *before* the database is read), its
+    catch-up or snapshot if it needs one, `synced`; returns its place, live, its bytes
+    going straight into the connection of `live`."""
+    hub = app[keys.HUB]
+    sub = await hub.open(
+        asked.feed, asked.owners, asked.user, None, expires_at=asked.expires_at, view=asked.view
+    )
+    try:
+        held: set[str] = set()
+        if since is not None or snapshot or truncated or reset:
+            seen, held = await _write_since(
+                app, out, asked, since, reset=reset, truncated=truncated
+            )
+        else:
+            # Nothing to read: the stream is live from its subscription on, and everything
+            # not yet dispatched is at or above the hub's watermark. (A filtered stream
+            # without a snapshot holds nothing yet.)
+            seen = NOTHING
+            await out.open()
+        synced_at = seen.cursor if seen is not NOTHING else hub.cursor
+        await out.write(frame(SyncedEvent(timestamp=now()), asked.view.cursor(synced_at)))
+        backlog = hub.buffer_limit // 2
+        sub.go_live(Sink(live.transport, live.chunked, live.drain, backlog=backlog), seen, held)
+        return sub
+    except BaseException:
+        hub.release(sub)
+        raise
 
 
 async def feed_events(request: web.Request) -> web.StreamResponse:
     """GET /api/{feed}/events: every row of the caller (that its shape takes), live,
     resumable by cursor.
 
-    After a TRUNCATE of the table the stream starts over in place: `reset`, a fresh
-    snapshot, `synced`, live again."""
+    Once live, its connection is handed over to a Live (streamer/live.py), which keeps
+    nothing of aiohttp's, and this handler returns."""
     principal, feed, owners = await _caller(request)
     shape = parse_shape(request.query.items(), feed.column_types)
-    asked = Asked(feed, owners, view(shape, owners, claimed=feed.owner_claim is not None))
+    chosen = view(shape, owners, claimed=feed.owner_claim is not None)
+    asked = Asked(feed, owners, chosen, principal.subject, principal.expires_at)
     cursor = _cursor(request)
     since = None if cursor is None else cursor[0]
     # A cursor of another view: its client's rows are another set. Start over.
-    reset = cursor is not None and cursor[1] != asked.view.suffix
+    reset = cursor is not None and cursor[1] != chosen.suffix
     if reset:
         since = None
     snapshot = _flag(request, "snapshot")
-    hub = request.app[keys.HUB]
-    response: web.StreamResponse | None = None
-    truncated = False
-    while True:
-        subscription = hub.subscription(
-            feed, owners, principal.subject, None, expires_at=principal.expires_at, view=asked.view
-        )
-        async with subscription as sub:
-            try:
-                held: set[str] = set()
-                if since is not None or snapshot or truncated or reset:
-                    response, seen, held = await _write_since(
-                        request, response, asked, since, reset=reset, truncated=truncated
-                    )
-                else:
-                    # Nothing to read: the stream is live from its subscription on, and
-                    # everything not yet dispatched is at or above the hub's watermark.
-                    # (A filtered stream without a snapshot holds nothing yet.)
-                    seen = NOTHING
-                    if response is None:
-                        response = await _open(request)
-                synced_at = seen.cursor if seen is not NOTHING else hub.cursor
-                synced = frame(SyncedEvent(timestamp=now()), asked.view.cursor(synced_at))
-                await response.write(synced)
-                if await _live(request, sub, seen, held) is not Ended.TRUNCATED:
-                    return response
-            except ConnectionResetError:
-                return web.Response()  # the client left during set-up: nothing to answer
-        since, truncated, reset = None, True, False
+    app, transport = request.app, request.transport
+    if transport is None or transport.is_closing():
+        return web.Response()  # the client left already
+    live = Live(
+        transport,
+        chunked=request.version >= HttpVersion11,
+        write_timeout=app[keys.SETTINGS].write_timeout_seconds,
+        release=app[keys.HUB].release,
+        start_over=functools.partial(_start_over, app, asked),
+        on_slow=app[keys.METRICS].slow_disconnects.inc,
+    )
+    out = Opening(request)
+    try:
+        sub = await _start(app, asked, out, live, since, reset=reset, snapshot=snapshot)
+    except ConnectionResetError:
+        return web.Response()  # the client left during set-up: nothing to answer
+    assert out.response is not None
+    live.take(request, out.response)
+    live.attach(sub)
+    return out.response
+
+
+def _start_over(app: web.Application, asked: Asked, live: Live) -> Awaitable[Subscriber]:
+    return _start(app, asked, live, live, None, truncated=True)
 
 
 async def row_events(request: web.Request) -> web.StreamResponse:

@@ -90,6 +90,7 @@ class Subscriber:
         "closed",
         "dropped",
         "ended",
+        "expiry",
         "feed",
         "owners",
         "row_id",
@@ -124,6 +125,7 @@ class Subscriber:
         self.dropped = 0  # envelopes left undelivered when it was cut
         self.backlog_since: float | None = None  # when its connection last had unsent bytes
         self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
+        self.expiry: asyncio.TimerHandle | None = None  # its token's expiry (the registry's)
 
     @property
     def keys(self) -> tuple[Key, ...]:

@@ -13,11 +13,10 @@ open the streams. Once they are synced, four readings:
    (count and sys.getsizeof);
 3. for a sample of streams, every object reachable from each of the stream's parts that
    did not exist before (non-tracked ones too: str, bytes, ints), in sys.getsizeof bytes,
-   given to the first part that reaches it, in this order: the Subscriber (and its Sink),
-   the request's parsed headers, its raw headers, the rest of the parsed message, the
-   rest of the Request, the handler task and its coroutines' frames (middlewares', the
-   handler's, and what their locals hold: the StreamResponse...), the protocol
-   (RequestHandler: parser, reader, writer), the transport (its socket);
+   given to the first part that reaches it, in this order: the Subscriber, its Sink, its
+   `ended` future, its expiry timer, the Live its connection was handed to, the transport
+   (its socket); and how many of aiohttp's requests are still held (none: the handler
+   returned). Until 5eca8e5 aiohttp's request, parser and handler task stayed: 20.2 KB.
 4. the hub's own index of streams (dicts and sets keyed by owner and user).
 """
 
@@ -46,6 +45,7 @@ from streamer import keys
 from streamer.app import create_app
 from streamer.config import Settings
 from streamer.embedded import _free_port
+from streamer.live import Live
 from streamer.server import server_options
 
 SAMPLE = 200  # streams walked object by object
@@ -100,29 +100,17 @@ def _claim(
     return size, count
 
 
-def _parts(
-    protocol: Any, subs: dict[int, Any], responses: dict[int, Any]
-) -> list[tuple[str, object]]:
-    """A stream's parts. Each claims what it reaches without passing another's root: the
-    Subscriber does not get the handler's task through its `ended` future's callbacks."""
-    request = protocol._current_request
-    message = request._message
-    response = responses.get(id(request))
-    parsers = [o for o in gc.get_referents(protocol) if type(o).__name__ == "HttpRequestParser"]
-    sub = subs.get(id(protocol.transport))
+def _parts(live: Any, subs: dict[int, Any]) -> list[tuple[str, object]]:
+    """A stream's parts once it is live (its connection handed over to a Live: no request,
+    no handler task is left). Each claims what it reaches without passing another's root."""
+    sub = subs.get(id(live.transport))
     return [
         ("Subscriber (streamer)", sub),
         ("its Sink (streamer)", getattr(sub, "_sink", None)),
         ("its `ended` future", getattr(sub, "ended", None)),
-        ("request headers: CIMultiDictProxy + CIMultiDict + str", request._headers),
-        ("request raw_headers: tuple of bytes", message.raw_headers),
-        ("parsed message: RawRequestMessage, URL, ...", message),
-        ("Request: rest (_cache: cookies, query, match_info...)", request),
-        ("StreamResponse + StreamWriter", response),
-        ("handler task + coroutines (middlewares, handler)", protocol._task_handler),
-        ("HttpRequestParser", parsers[0] if parsers else None),
-        ("RequestHandler (protocol): rest", protocol),
-        ("transport + socket", protocol.transport),
+        ("its token's expiry timer", getattr(sub, "expiry", None)),
+        ("Live (protocol; start-over: Asked, partial)", live),
+        ("transport + socket", live.transport),
     ]
 
 
@@ -158,20 +146,18 @@ def _print_objects(
         print(f"  {count / n:5.2f}  {size / n:7,.0f} B  {name}")
 
 
-def _print_owners(app: web.Application, objects: list[Any], old: set[int], n: int) -> Any:
+def _print_owners(app: web.Application, objects: list[Any], old: set[int], n: int) -> None:
     hub = app[keys.HUB]
     subs = {id(sub._sink._transport): sub for sub in hub.subscribers() if sub._sink is not None}
-    protocols = [o for o in objects if type(o).__name__ == "RequestHandler"
-                 and id(o) not in old and o._current_request is not None]  # fmt: skip
-    responses = {id(o._req): o for o in objects
-                 if isinstance(o, web.StreamResponse) and getattr(o, "_req", None)}  # fmt: skip
-    sample = protocols[:SAMPLE]
+    left = sum(1 for o in objects if isinstance(o, web.BaseRequest) and id(o) not in old)
+    print(f"\nrequests still held: {left / n:.2f} per stream")
+    sample = [o for o in objects if isinstance(o, Live) and id(o) not in old][:SAMPLE]
     owners: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     claimed: set[int] = set()
     kinds: dict[str, Counter[str]] = {}
-    for protocol in sample:
-        parts = [(name, root) for name, root in _parts(protocol, subs, responses) if root]
+    for live in sample:
+        parts = [(name, root) for name, root in _parts(live, subs) if root]
         roots = {id(root) for _, root in parts}
         for name, root in parts:
             mine = kinds.setdefault(name, Counter())
@@ -188,7 +174,6 @@ def _print_owners(app: web.Application, objects: list[Any], old: set[int], n: in
     index = sys.getsizeof(hub._by_key) + sys.getsizeof(hub._per_user)
     index += sum(sys.getsizeof(s) for s in hub._by_key.values())
     print(f"  {index / n:7,.0f} B  the hub's index (dict by (feed, owner), sets, per user)")
-    return sample[0]._current_request
 
 
 def _print_timers(old: set[int], n: int) -> None:
@@ -201,18 +186,6 @@ def _print_timers(old: set[int], n: int) -> None:
     print("\ntimers added (loop._scheduled), per stream, by callback:")
     for name, count in timers.most_common(8):
         print(f"  {count / n:5.2f}  {name}")
-
-
-def _print_request(request: Any) -> None:
-    print("\none stream's request, sys.getsizeof of its parts (B):")
-    message = request._message
-    raw = message.raw_headers
-    print(f"  Request {sys.getsizeof(request)}, its _cache {sys.getsizeof(request._cache)} "
-          f"({sorted(request._cache)}), {len(raw)} headers: CIMultiDict "
-          f"{sys.getsizeof(request._headers)} + its strings "
-          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in request._headers.items())}; "
-          f"raw_headers tuple {sys.getsizeof(raw)} + its bytes "
-          f"{sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in raw)}")  # fmt: skip
 
 
 async def _study(pg: Postgres, streams: int) -> None:
@@ -259,9 +232,8 @@ async def _study(pg: Postgres, streams: int) -> None:
     _print_heap(before, after, streams, rss1 - rss0)
     objects = gc.get_objects()
     _print_objects(objects, old_types, old_sizes, streams)
-    request = _print_owners(app, objects, old, streams)
+    _print_owners(app, objects, old, streams)
     _print_timers(old, streams)
-    _print_request(request)
     for r in [*warm, *main]:
         r.stop()
     shutil.rmtree(records, ignore_errors=True)

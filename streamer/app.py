@@ -21,6 +21,7 @@ from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
 from streamer.errors import CONNECTION_ERRORS, ApiError, AuthError
 from streamer.feeds import Feeds
+from streamer.gather import Gatherer
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.reads import PoolReads, Reads
@@ -135,7 +136,10 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[keys.DSN], settings.pool_size)
     app[keys.POOL] = pool
     hub = app[keys.HUB]
-    reads = app[keys.READS] = PoolReads(pool)
+    reads = app[keys.READS] = PoolReads(pool, app[keys.METRICS])
+    # Half the pool for catch-ups read together; the rest for snapshots, big catch-ups,
+    # recoveries and the feeds.
+    app[keys.GATHERER] = Gatherer(reads.many, lanes=max(1, settings.pool_size // 2), most=500)
     feeds = app[keys.FEEDS] = Feeds(reads.feeds, lambda name: hub.close_all(Ended.DISABLED, name))
     await feeds.refresh()
 
@@ -213,6 +217,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     keep = settings.tombstone_retention_hours
     tasks.start("pruning", lambda: _prune_forever(reads, feeds, keep))
     yield
+    await app[keys.GATHERER].close()
     await auth.close()
 
 

@@ -9,6 +9,7 @@ from streamer.auth import Authenticator
 from streamer.config import Settings
 from streamer.dispatch import Dispatcher
 from streamer.feeds import Feeds
+from streamer.gather import Gatherer
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.reads import Reads
@@ -24,4 +25,5 @@ HUB = web.AppKey("hub", Hub)
 DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 FEEDS = web.AppKey("feeds", Feeds)
 READS = web.AppKey("reads", Reads)
+GATHERER = web.AppKey("gatherer", Gatherer)
 TASKS = web.AppKey("tasks", Supervisor)

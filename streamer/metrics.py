@@ -61,6 +61,19 @@ class Metrics:
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
         )
+        self.pool_wait = Histogram(
+            "streamer_pool_wait_seconds",
+            "How long a read (a stream's catch-up or snapshot, a recovery) waited for a"
+            " connection of the pool",
+            buckets=(0.001, 0.005, 0.025, 0.1, 0.25, 1, 2.5, 10, 30, 60),
+            registry=r,
+        )
+        self.pool_waiting = Gauge(
+            "streamer_pool_waiting",
+            "Reads waiting for a connection of the pool now",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self._fleet(r)
         self.task_failures = Counter(
             "streamer_task_failures",

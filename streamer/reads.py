@@ -11,59 +11,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import asyncpg
 
 from streamer import queries
-from streamer.changes import VERSION_SCALE, CatchUp, Gone, Row, Snapshot
+from streamer.changes import VERSION_SCALE, CatchUp, Row, Snapshot
 from streamer.feeds import Feed
-from streamer.retry import backoff
+from streamer.gather import Caught, Wanted, distribute
+from streamer.metrics import Metrics
+from streamer.reading import (
+    BATCH,
+    Reading,
+    by_size,
+    current_snapshot,
+    honoured,
+    honours,
+    item_of,
+    pruned_below,
+    reading,
+    row_of,
+    visible_to_new_snapshots,
+)
 from streamer.shapes import EVERYTHING, Shape
 
-BATCH = 1000  # rows a snapshot or catch-up reads (and writes) at a time
-VISIBLE_WITHIN = 5.0  # seconds a commit may take to be visible after it arrived
+MANY_ROWS = 20 * BATCH  # rows a read of many streams' catch-ups holds at most
 
 Deliver = Callable[[Feed, CatchUp], Awaitable[None]]
 CaughtUp = Callable[[Feed, list[str], Snapshot], None]
 Owners = list[tuple[Feed, list[str]]]
-
-
-class Reading:
-    """A catch-up (or snapshot) being read, one batch at a time."""
-
-    def __init__(
-        self,
-        snapshot: Snapshot,
-        reset: bool,
-        cursor: Any,
-        batch: int,
-        members: Callable[[], Awaitable[set[str]]] | None = None,
-    ) -> None:
-        self.snapshot = snapshot
-        self.reset = reset  # the cursor could not be honoured: every row, from the start
-        self._whole = reset  # every row the shape takes (a snapshot), not a catch-up
-        self._cursor = cursor
-        self._batch = batch
-        self._members = members
-        self._sent: set[str] = set()
-
-    async def batches(self) -> AsyncIterator[CatchUp]:
-        while records := await self._cursor.fetch(self._batch):
-            items: list[Row | Gone] = [
-                Gone(r["owner"], r["id"], r["version"]) if r["row"] is None else _row(r)
-                for r in records
-            ]
-            if self._members is not None and self._whole:
-                self._sent.update(item.id for item in items)
-            yield CatchUp(self.snapshot, self.reset, items)
-
-    async def held(self) -> set[str]:
-        """For a filtered shape, once every batch was read: the ids of the rows its client
-        holds now (a snapshot's, or after a catch-up every row the shape takes)."""
-        if self._members is None or self._whole:
-            return self._sent
-        return await self._members()
 
 
 class Reads(Protocol):
@@ -104,6 +80,11 @@ class Reads(Protocol):
         row when None, or when `since` cannot be honoured: then `reset`) as `shape` takes
         it, in a snapshot of its own that sees the transaction `visible`."""
 
+    async def many(self, feed: Feed, wanted: Sequence[Wanted]) -> list[Caught | None]:
+        """Catch-ups of several streams of `feed` (their owners, their horizons) read in one
+        snapshot: each one's, or None for a stream to read alone (much to catch up, or a
+        horizon that cannot be honoured)."""
+
     async def one(
         self, feed: Feed, owners: Sequence[str], row_id: str
     ) -> tuple[Snapshot, Row | None]:
@@ -117,10 +98,27 @@ class Reads(Protocol):
 
 
 class PoolReads:
-    """`Reads` from the app's asyncpg pool."""
+    """`Reads` from the app's asyncpg pool; how long each read waited for a connection
+    goes to the metrics."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, metrics: Metrics) -> None:
         self.pool = pool
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        metrics, loop = self._metrics, asyncio.get_running_loop()
+        asked = loop.time()
+        metrics.pool_waiting.inc()
+        try:
+            conn = await self.pool.acquire()
+        finally:
+            metrics.pool_waiting.dec()
+            metrics.pool_wait.observe(loop.time() - asked)
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)
 
     async def signing_key(self) -> bytes:
         key: bytes = await self.pool.fetchval("select key from streamer.signing_key")
@@ -143,7 +141,7 @@ class PoolReads:
         """One owner with 200,000 changed rows keeps the others waiting for nothing but
         their own: owners are read in groups, fewest changes first."""
         async with (
-            self.pool.acquire() as conn,
+            self._connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = await current_snapshot(conn)
@@ -159,7 +157,7 @@ class PoolReads:
                     caught_up(feed, [o for o in feed_owners if o not in counts], snapshot)
                     groups = by_size(counts, BATCH)
                 for group in groups:
-                    read = await _reading(conn, feed, group, feed_since, snapshot)
+                    read = await reading(conn, feed, group, feed_since, snapshot)
                     async for part in read.batches():
                         await deliver(feed, part)
                     caught_up(feed, group, snapshot)
@@ -167,7 +165,7 @@ class PoolReads:
 
     async def row(self, feed: Feed, row_id: str) -> Row | None:
         record = await self.pool.fetchrow(queries.by_id(feed), row_id)
-        return None if record is None else _row(record)
+        return None if record is None else row_of(record)
 
     @contextlib.asynccontextmanager
     async def since(
@@ -179,7 +177,7 @@ class PoolReads:
         shape: Shape = EVERYTHING,
         visible: int | None = None,
     ) -> AsyncIterator[Reading]:
-        async with self.pool.acquire() as conn:
+        async with self._connection() as conn:
             if visible is not None:
                 await visible_to_new_snapshots(conn, visible)
             async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -187,20 +185,54 @@ class PoolReads:
                 honoured_since = (
                     None if since is None else await honoured(conn, feed, since, snapshot)
                 )
-                read = await _reading(conn, feed, owners, honoured_since, snapshot, shape)
+                read = await reading(conn, feed, owners, honoured_since, snapshot, shape)
                 read.reset = since is not None and honoured_since is None
                 yield read
+
+    async def many(self, feed: Feed, wanted: Sequence[Wanted]) -> list[Caught | None]:
+        """The catch-ups of several streams of `feed` in one snapshot (streamer/gather.py):
+        one count of what each owner has since the lowest horizon among them, one query
+        of the rows of those with little, at most MANY_ROWS in all."""
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            snapshot = await current_snapshot(conn)
+            oldest = await pruned_below(conn, feed)
+
+            def honoured(since: int) -> bool:
+                return honours(since, oldest, snapshot)
+
+            owners = sorted({o for os, since in wanted if honoured(since) for o in os})
+            if not owners:
+                return distribute(snapshot, wanted, [], set(), honoured)
+            low = min(since for _, since in wanted if honoured(since)) * VERSION_SCALE
+            found = await conn.fetch(queries.counts(feed, BATCH + 1), owners, low, feed.name)
+            counts = {r["owner"]: r["n"] for r in found if r["n"]}
+            alone = {owner for owner, n in counts.items() if n > BATCH}
+            total = sum(counts.values()) - sum(counts[owner] for owner in alone)
+            for owner in sorted(counts, key=counts.__getitem__, reverse=True):
+                if total <= MANY_ROWS:
+                    break
+                if owner not in alone:
+                    alone.add(owner)
+                    total -= counts[owner]
+            few = [owner for owner in counts if owner not in alone]
+            records = (
+                await conn.fetch(queries.since(feed, True), few, low, feed.name) if few else []
+            )
+        return distribute(snapshot, wanted, [item_of(r) for r in records], alone, honoured)
 
     async def one(
         self, feed: Feed, owners: Sequence[str], row_id: str
     ) -> tuple[Snapshot, Row | None]:
         async with (
-            self.pool.acquire() as conn,
+            self._connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             snapshot = await current_snapshot(conn)
             record = await conn.fetchrow(queries.one(feed), row_id, list(owners))
-        return snapshot, None if record is None else _row(record)
+        return snapshot, None if record is None else row_of(record)
 
     async def prune(self, feed: Feed, keep_hours: float) -> int:
         gone: int = await self.pool.fetchval(
@@ -210,89 +242,3 @@ class PoolReads:
 
     async def ping(self) -> None:
         await self.pool.fetchval("select 1")
-
-
-def _row(record: asyncpg.Record) -> Row:
-    return Row(record["owner"], record["id"], record["version"], record["row"], record["terminal"])
-
-
-async def current_snapshot(conn: asyncpg.Connection) -> Snapshot:
-    return Snapshot.parse(await conn.fetchval("select pg_current_snapshot()::text"))
-
-
-def by_size(counts: dict[str, int], batch: int) -> list[list[str]]:
-    """Owners in groups read one query each, fewest changes first: owners with few share a
-    query (up to about `batch` rows), one with many has its own."""
-    groups: list[list[str]] = []
-    rows = batch
-    for owner in sorted(counts, key=lambda o: (counts[o], o)):
-        if rows + counts[owner] > batch:
-            groups.append([])
-            rows = 0
-        groups[-1].append(owner)
-        rows += counts[owner]
-    return groups
-
-
-async def honoured(
-    conn: asyncpg.Connection, feed: Feed, since: int | None, snapshot: Snapshot
-) -> int | None:
-    """`since`, or None when it cannot be honoured: too old for the retained tombstones (or
-    a TRUNCATE since), or from another database's future."""
-    if since is None:
-        return None
-    pruned_below = await conn.fetchval(
-        "select pruned_below from streamer.horizon where feed = $1", feed.name
-    )
-    if since * VERSION_SCALE < (pruned_below or 0) or since > snapshot.xmax:
-        return None
-    return since
-
-
-async def _reading(
-    conn: asyncpg.Connection,
-    feed: Feed,
-    owners: Sequence[str],
-    since: int | None,
-    snapshot: Snapshot,
-    shape: Shape = EVERYTHING,
-    batch: int = BATCH,
-) -> Reading:
-    """What changed for `owners` since the honoured horizon `since` (None: every row, and
-    the streams reset) as `shape` takes it, inside the REPEATABLE READ transaction whose
-    snapshot is `snapshot`."""
-    args: list[object] = [list(owners), 0 if since is None else since * VERSION_SCALE]
-    if since is not None:
-        args.append(feed.name)
-    where, params = shape.where(len(args) + 1, alias="r")
-    if params:
-        # Planned for its values: a plan kept for any value (after five runs of the same
-        # prepared statement) cannot tell that status = 'failed' is 1% of a user's rows,
-        # and reads all of them by the owner's index.
-        await conn.execute("set local plan_cache_mode = force_custom_plan")
-    query = queries.since(feed, tombstones=since is not None, where=where)
-    cursor = await conn.cursor(query, *args, *params)
-    members = None
-    if shape.filters:
-        ids_where, ids_params = shape.where(2, alias="r")
-
-        async def members() -> set[str]:
-            found = await conn.fetch(queries.members(feed, ids_where), list(owners), *ids_params)
-            return {record[0] for record in found}
-
-    return Reading(snapshot, since is None, cursor, batch, members)
-
-
-async def visible_to_new_snapshots(conn: asyncpg.Connection, xid: int) -> None:
-    """Wait until the committed transaction `xid` is visible to new snapshots. A commit can
-    arrive from the WAL a moment before it is: its session leaves the proc array after the
-    commit is flushed (after a synchronous standby's answer, when there is one). Postgres
-    has no event for it: looked at again after 1 ms, 2, 4, ... up to 50 ms apart, for at
-    most VISIBLE_WITHIN seconds, then read anyway."""
-    deadline = asyncio.get_running_loop().time() + VISIBLE_WITHIN
-    attempt = 0
-    while not await conn.fetchval(queries.VISIBLE, str(xid)):
-        attempt += 1
-        if asyncio.get_running_loop().time() >= deadline:
-            return
-        await asyncio.sleep(backoff(attempt, 0.001, 0.05, jitter=False))

@@ -1,8 +1,5 @@
-"""The two SSE handlers of every feed: all rows of the caller, and one row's progress.
-
-A stream subscribes to its owner in the hub *before* it reads the database, so nothing
-committed in between is missed; what the read already saw is then skipped by snapshot
-visibility, so nothing is sent twice or older-after-newer.
+"""The two SSE handlers of every feed: all rows of the caller, and one row's progress
+(a stream of every row is set up by streamer/catchup.py).
 """
 
 from __future__ import annotations
@@ -12,14 +9,13 @@ import functools
 import random
 import re
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from typing import Protocol
 
 from aiohttp import HttpVersion11, web
 
 from streamer import claims, keys
 from streamer.auth import Principal
-from streamer.changes import NOTHING, Gone, Row, Snapshot, parse_cursor
+from streamer.catchup import Asked, start
+from streamer.changes import Snapshot, parse_cursor
 from streamer.errors import (
     CONNECTION_ERRORS,
     InvalidCursor,
@@ -31,20 +27,13 @@ from streamer.feeds import Feed
 from streamer.live import Live
 from streamer.shapes import parse_shape
 from streamer.sse import (
-    ResetEvent,
     Sink,
-    SyncedEvent,
-    deleted_frame,
-    frame,
-    now,
     retry_frame,
-    timestamp_now,
     update_frame,
 )
 from streamer.subscriber import Ended, Subscriber
-from streamer.views import KEY_LENGTH, View, split_cursor, view
+from streamer.views import KEY_LENGTH, split_cursor, view
 
-SNAPSHOT_CURSOR = "0"  # a stream cut during its snapshot resumes from the very beginning
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -176,106 +165,6 @@ class Opening:
             raise ConnectionResetError("the client stopped reading during a catch-up") from None
 
 
-class Out(Protocol):
-    """Where a stream's set-up writes: an Opening, or the Live of a stream starting over."""
-
-    @property
-    def opened(self) -> bool: ...
-
-    async def open(self) -> None: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Asked:
-    """What a stream of every row asks for: whose rows, through which view, for whom."""
-
-    feed: Feed
-    owners: tuple[str, ...]
-    view: View
-    user: str
-    expires_at: float
-
-    def frame(self, item: Row | Gone, cursor: str, stamp: bytes) -> bytes:
-        if isinstance(item, Gone):
-            return deleted_frame(self.feed, item.id, cursor, stamp)
-        return update_frame(self.feed, item, cursor, stamp, text=self.view.text(item))
-
-
-async def _write_since(
-    app: web.Application, out: Out, asked: Asked, since: int | None, *, reset: bool, truncated: bool
-) -> tuple[Snapshot, set[str]]:
-    """Write the caller's catch-up (or snapshot) as it is read, a batch at a time in the
-    read's own snapshot: each batch is written and drained before the next is fetched, so
-    the client's pace sets the reader's, and what the stream holds is one batch however
-    many rows the caller has. Returns the read's snapshot and, for a filtered view, the
-    rows its client now holds."""
-    feed, view = asked.feed, asked.view
-    # From the WAL a TRUNCATE can come a moment before a new snapshot sees it.
-    visible = app[keys.HUB].truncated_by.get(feed.name) if truncated else None
-    try:
-        async with app[keys.READS].since(
-            feed, asked.owners, since, shape=view.shape, visible=visible
-        ) as read:
-            resumed = since is not None and not read.reset
-            cursor = view.cursor(str(since) if resumed else SNAPSHOT_CURSOR)
-            batches = read.batches()
-            part = await anext(batches, None)
-            await out.open()
-            if reset or truncated or read.reset:
-                await out.write(frame(ResetEvent(timestamp=now())))
-            while part is not None:
-                stamp = timestamp_now()
-                await out.write(b"".join(asked.frame(i, cursor, stamp) for i in part.items))
-                part = await anext(batches, None)
-            return read.snapshot, await read.held()
-    except CONNECTION_ERRORS as exc:
-        if not out.opened:
-            raise Unavailable("The database is not reachable; retry shortly.") from exc
-        raise ConnectionResetError("the database went away during a catch-up") from exc
-
-
-async def _start(
-    app: web.Application,
-    asked: Asked,
-    out: Out,
-    live: Live,
-    since: int | None,
-    *,
-    reset: bool = False,
-    snapshot: bool = False,
-    truncated: bool = False,
-) -> Subscriber:
-    """Set a stream up: its place in the hub (taken *before* the database is read), its
-    catch-up or snapshot if it needs one, `synced`; returns its place, live, its bytes
-    going straight into the connection of `live`."""
-    hub = app[keys.HUB]
-    sub = await hub.open(
-        asked.feed, asked.owners, asked.user, None, expires_at=asked.expires_at, view=asked.view
-    )
-    try:
-        held: set[str] = set()
-        if since is not None or snapshot or truncated or reset:
-            seen, held = await _write_since(
-                app, out, asked, since, reset=reset, truncated=truncated
-            )
-        else:
-            # Nothing to read: the stream is live from its subscription on, and everything
-            # not yet dispatched is at or above the hub's watermark. (A filtered stream
-            # without a snapshot holds nothing yet.)
-            seen = NOTHING
-            await out.open()
-        synced_at = seen.cursor if seen is not NOTHING else hub.cursor
-        await out.write(frame(SyncedEvent(timestamp=now()), asked.view.cursor(synced_at)))
-        backlog = hub.buffer_limit // 2
-        sub.go_live(Sink(live.transport, live.chunked, live.drain, backlog=backlog), seen, held)
-        return sub
-    except BaseException:
-        hub.release(sub)
-        raise
-
-
 async def feed_events(request: web.Request) -> web.StreamResponse:
     """GET /api/{feed}/events: every row of the caller (that its shape takes), live,
     resumable by cursor.
@@ -306,7 +195,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     )
     out = Opening(request)
     try:
-        sub = await _start(app, asked, out, live, since, reset=reset, snapshot=snapshot)
+        sub = await start(app, asked, out, live, since, reset=reset, snapshot=snapshot)
     except ConnectionResetError:
         return web.Response()  # the client left during set-up: nothing to answer
     assert out.response is not None
@@ -316,7 +205,7 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
 
 
 def _start_over(app: web.Application, asked: Asked, live: Live) -> Awaitable[Subscriber]:
-    return _start(app, asked, live, live, None, truncated=True)
+    return start(app, asked, live, live, None, truncated=True)
 
 
 async def row_events(request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,7 @@ import pytest
 from streamer import keys
 from streamer.changes import CatchUp, Snapshot
 from streamer.feeds import Feed
+from streamer.metrics import Metrics
 from streamer.reads import PoolReads
 from tests.client import open_stream
 from tests.conftest import (
@@ -184,7 +185,7 @@ async def test_a_recovery_catches_up_the_owners_with_fewest_changes_first(
         told.append(("caught up", sorted(owners)))
 
     async with asyncpg.create_pool(database_url, min_size=1, max_size=1) as pool:
-        reads = PoolReads(pool)
+        reads = PoolReads(pool, Metrics())
         files = (await reads.feeds())["files"]
         assert files.owner_indexed  # files_user_id_idx
         files = dataclasses.replace(files, owner_indexed=owner_indexed)

@@ -21,6 +21,7 @@ from streamer.db import create_pool
 from streamer.dispatch import Dispatcher
 from streamer.errors import CONNECTION_ERRORS, ApiError, AuthError
 from streamer.feeds import Feeds
+from streamer.gate import Gate
 from streamer.gather import Gatherer
 from streamer.hub import Hub
 from streamer.metrics import Metrics
@@ -110,6 +111,17 @@ _PREPARED = web.RequestKey("prepared_response", web.StreamResponse)
 
 async def _remember_response(request: web.Request, response: web.StreamResponse) -> None:
     request[_PREPARED] = response
+
+
+@web.middleware
+async def through_the_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request answered (or a stream live: its handler returns then) ends its connection's
+    set-up: the next connection waiting at the gate is read (streamer/gate.py)."""
+    transport = request.transport  # before a Live takes it over
+    try:
+        return await handler(request)
+    finally:
+        request.app[keys.GATE].leave(transport)
 
 
 @web.middleware
@@ -222,7 +234,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_streams(app: web.Application) -> None:
-    """On shutdown (SIGTERM): every stream ends cleanly, and its client reconnects elsewhere."""
+    """On shutdown (SIGTERM): every stream ends cleanly, and its client reconnects elsewhere;
+    so do those still waiting at the gate."""
+    app[keys.GATE].close()
     app[keys.HUB].shutdown()
 
 
@@ -276,12 +290,14 @@ def _static_files() -> Handler:
 
 
 def create_app(settings: Settings, dsn: str, listen_dsn: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[log_when_client_leaves, errors_as_json])
+    middlewares = [through_the_gate, log_when_client_leaves, errors_as_json]
+    app = web.Application(middlewares=middlewares)
     app.on_response_prepare.append(_remember_response)
     app[keys.SETTINGS] = settings
     app[keys.DSN] = dsn
     app[keys.LISTEN_DSN] = listen_dsn or dsn
     app[keys.METRICS] = Metrics()
+    app[keys.GATE] = Gate(settings.max_opening, app[keys.METRICS])
     app[keys.HUB] = Hub(
         app[keys.METRICS],
         max_streams_per_owner=settings.max_streams_per_user,

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # Connections the kernel queues before the service accepts them (capped by
     # net.core.somaxconn): a crowd reconnecting at once must not be dropped at the door.
     listen_backlog: int = Field(default=4096, ge=1, le=65535)
+    # Connections of a process being set up at once (a request read, a catch-up, until
+    # live); the others wait unread, costing a socket each (streamer/gate.py).
+    max_opening: int = Field(default=256, ge=1, le=100_000)
     jwt_secret: str | None = None
     jwks_url: str | None = None
     jwt_audience: str | None = None

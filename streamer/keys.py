@@ -9,6 +9,7 @@ from streamer.auth import Authenticator
 from streamer.config import Settings
 from streamer.dispatch import Dispatcher
 from streamer.feeds import Feeds
+from streamer.gate import Gate
 from streamer.gather import Gatherer
 from streamer.hub import Hub
 from streamer.metrics import Metrics
@@ -26,4 +27,5 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 FEEDS = web.AppKey("feeds", Feeds)
 READS = web.AppKey("reads", Reads)
 GATHERER = web.AppKey("gatherer", Gatherer)
+GATE = web.AppKey("gate", Gate)
 TASKS = web.AppKey("tasks", Supervisor)

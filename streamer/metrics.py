@@ -74,6 +74,17 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.connections_waiting = Gauge(
+            "streamer_connections_waiting",
+            "Connections accepted but not read yet: STREAMER_MAX_OPENING are being set up",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.connections_waited = Counter(
+            "streamer_connections_waited",
+            "Connections that waited at the gate before they were read",
+            registry=r,
+        )
         self._fleet(r)
         self.task_failures = Counter(
             "streamer_task_failures",

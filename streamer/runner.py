@@ -11,15 +11,20 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
+from threading import BrokenBarrierError
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from streamer import keys
 from streamer.config import Settings
 from streamer.errors import CONNECTION_ERRORS
+from streamer.gate import Gate
 from streamer.server import server_options
+
+if TYPE_CHECKING:
+    from multiprocessing.synchronize import Barrier
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,19 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def run_server(settings: Settings, make_app: AppFactory, *, reuse_port: bool = False) -> None:
+def run_server(
+    settings: Settings,
+    make_app: AppFactory,
+    *,
+    reuse_port: bool = False,
+    together: Barrier | None = None,
+) -> None:
     """Serve the app `make_app` makes on settings.host and settings.port until SIGTERM or
-    SIGINT, then end every open stream cleanly and return."""
+    SIGINT, then end every open stream cleanly and return. With `together` (the workers'),
+    the port opens once every worker is ready to open it."""
     on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        asyncio.run(_serve(settings, make_app, reuse_port=reuse_port))
+        asyncio.run(_serve(settings, make_app, reuse_port=reuse_port, together=together))
     except BaseException:
         # What follows (stopping the embedded Postgres) gets the handler it had before.
         signal.signal(signal.SIGTERM, on_sigterm)
@@ -71,7 +83,9 @@ def run_server(settings: Settings, make_app: AppFactory, *, reuse_port: bool = F
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) -> None:
+async def _serve(
+    settings: Settings, make_app: AppFactory, *, reuse_port: bool, together: Barrier | None
+) -> None:
     # First of all: a signal while the pool and the LISTEN connection come up stops the
     # service as cleanly as one while it serves.
     stop = asyncio.Event()
@@ -113,8 +127,11 @@ async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) 
         # of (re)connecting streams triggers (about 45 to 20 ms at 1,000 streams).
         gc.collect()
         gc.freeze()
+        if together is not None and not await _all_ready(together, stop):
+            return
         reuse, backlog = reuse_port or None, settings.listen_backlog
-        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse, backlog=backlog)
+        site = GatedSite(runner, app[keys.GATE], settings.host, settings.port,
+                         reuse_port=reuse, backlog=backlog)  # fmt: skip
         try:
             await site.start()
         except OSError as exc:
@@ -127,6 +144,51 @@ async def _serve(settings: Settings, make_app: AppFactory, *, reuse_port: bool) 
         log.info("stopping: ending open streams")
     finally:
         await runner.cleanup()
+
+
+async def _all_ready(together: Barrier, stop: asyncio.Event) -> bool:
+    """Wait until every worker is ready to open the port (False: stopped meanwhile). Under
+    SO_REUSEPORT the kernel spreads connections over the sockets open at the time: one
+    worker that opened a few seconds before the others would get a whole crowd coming back
+    after a restart, past its descriptor limit. A worker that is not ready in time (the
+    supervisor stops them all if one exits) is not waited for longer."""
+    waiting = asyncio.ensure_future(asyncio.to_thread(together.wait, LISTENER_START_SECONDS))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([waiting, stopped], return_when="FIRST_COMPLETED")
+    finally:
+        stopped.cancel()
+        if not waiting.done():
+            together.abort()  # stopping: every worker still waiting goes on (to stop)
+    try:
+        await waiting
+    except BrokenBarrierError:
+        if not stop.is_set():
+            log.warning("opening the port without waiting longer for the other workers")
+    return not stop.is_set()
+
+
+class GatedSite(web.TCPSite):
+    """aiohttp's TCP site, each connection through the gate (streamer/gate.py) before
+    aiohttp reads it."""
+
+    def __init__(self, runner: web.BaseRunner, gate: Gate, *args: Any, **kwargs: Any) -> None:
+        super().__init__(runner, *args, **kwargs)
+        self._gate = gate
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._gate.doors(server),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
 
 
 async def _first(ready: asyncio.Event, stop: asyncio.Event) -> bool:

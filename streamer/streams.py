@@ -128,6 +128,7 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
     backlog = request.app[keys.HUB].buffer_limit // 2
     sink = Sink(transport, request.version >= HttpVersion11, request.writer.drain, backlog=backlog)
     sub.go_live(sink, seen)
+    request.app[keys.GATE].leave(transport)  # set up: the next connection is read
     return await sub.ended
 
 

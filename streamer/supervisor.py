@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from multiprocessing.synchronize import Barrier
 from types import FrameType
 
 from streamer.config import Settings
@@ -39,10 +40,10 @@ def serve_workers(settings: Settings, make_app: AppFactory) -> int:
             shutil.rmtree(os.environ.pop(MULTIPROCESS_DIR), ignore_errors=True)
 
 
-def _worker(settings: Settings, make_app: AppFactory) -> None:
+def _worker(settings: Settings, make_app: AppFactory, together: Barrier) -> None:
     setup_logging(settings)  # a spawned process starts with none
     try:
-        run_server(settings, make_app, reuse_port=True)
+        run_server(settings, make_app, reuse_port=True, together=together)
     except StartupError as exc:
         log.error("%s", exc)
         sys.exit(1)
@@ -52,8 +53,11 @@ def _supervise(settings: Settings, make_app: AppFactory) -> int:
     from prometheus_client.multiprocess import mark_process_dead
 
     context = multiprocessing.get_context("spawn")
+    together = context.Barrier(settings.workers)  # they open the port at once
     workers = [
-        context.Process(target=_worker, args=(settings, make_app), name=f"streamer-worker-{i}")
+        context.Process(
+            target=_worker, args=(settings, make_app, together), name=f"streamer-worker-{i}"
+        )
         for i in range(settings.workers)
     ]
     stopping = False

@@ -31,6 +31,7 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestServer
 from psycopg import sql
+from yarl import URL
 
 from streamer import keys
 from streamer.app import create_app
@@ -38,6 +39,7 @@ from streamer.auth import mint_token
 from streamer.config import Settings
 from streamer.db import migrate
 from streamer.embedded import EmbeddedPostgres
+from streamer.runner import GatedSite
 from streamer.server import server_options
 from streamer.sources.notify import LISTEN, PING, NotifySource
 from streamer.sources.wal import WalSource
@@ -218,6 +220,21 @@ def token_for(user: uuid.UUID, ttl: int = 3600, secret: str = SECRET) -> str:
     return mint_token(secret, user, ttl)
 
 
+class GatedTestServer(TestServer):
+    """aiohttp's test server, its connections through the app's gate (streamer/gate.py) as
+    `streamer serve` serves them."""
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        self.runner = await self._make_runner(handler_cancellation=True, **kwargs)
+        await self.runner.setup()
+        site = GatedSite(self.runner, self.app[keys.GATE], self.host, 0)
+        await site.start()
+        assert site._server is not None
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+
 @dataclass
 class Service:
     server: TestServer
@@ -237,8 +254,8 @@ async def start_service(database_url: str, **overrides: Any) -> Service:
     values.update(overrides)
     settings = Settings(**values)
     app = create_app(settings, database_url)
-    server = TestServer(app, host="127.0.0.1")
-    # Set up as `streamer serve` sets it up: the same limits, logs and access log.
+    server = GatedTestServer(app, host="127.0.0.1")
+    # Set up as `streamer serve` sets it up: the same limits, logs and access log, the gate.
     await server.start_server(**server_options())
     # Changes flow: from now on every commit reaches the service (a failure, not a hang).
     await asyncio.wait_for(app[keys.DISPATCHER].ready.wait(), 30)

@@ -132,7 +132,8 @@ async def test_streams_resuming_at_once_each_get_exactly_what_changed_since_thei
     before = {
         str(r["id"])
         for r in await db.fetch(
-            "select id from files where user_id = any($1) and filename in ('old.pdf', 'marker.txt')",
+            "select id from files"
+            " where user_id = any($1) and filename in ('old.pdf', 'marker.txt')",
             users,
         )
     }

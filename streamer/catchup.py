@@ -66,15 +66,17 @@ async def _write_since(
     app: web.Application, out: Out, asked: Asked, since: int | None, *, reset: bool, truncated: bool
 ) -> tuple[Snapshot, set[str]]:
     """Write the caller's catch-up (or snapshot), and return the snapshot it was read in
-    and, for a filtered view, the rows its client now holds. A plain catch-up is read with
-    others' asked at once (streamer/gather.py); the rest, and a caller with much to catch
-    up, read alone."""
+    and, for a filtered view, the rows its client now holds. A plain catch-up or snapshot is
+    read with others' asked at once (streamer/gather.py); the rest, and a caller with much
+    to catch up, read alone."""
     try:
-        if since is not None and asked.view.plain and not truncated:
+        # A plain catch-up, or a plain snapshot that is not a reset: read with others'.
+        if asked.view.plain and not truncated and (since is not None or not reset):
             caught = await app[keys.GATHERER].since(asked.feed, asked.owners, since)
             if caught is not None:
                 await out.open()
-                cursor, stamp = asked.view.cursor(str(since)), timestamp_now()
+                shown = SNAPSHOT_CURSOR if since is None else str(since)
+                cursor, stamp = asked.view.cursor(shown), timestamp_now()
                 for i in range(0, len(caught.items), ROWS_PER_WRITE):
                     part = caught.items[i : i + ROWS_PER_WRITE]
                     await out.write(b"".join(asked.frame(item, cursor, stamp) for item in part))

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from streamer.changes import VERSION_SCALE, Gone, Row, Snapshot
 from streamer.feeds import Feed
 
-Wanted = tuple[tuple[str, ...], int]  # a stream's owners and its horizon
+# A stream's owners and its horizon; None: a snapshot (every row they have, no deletes).
+Wanted = tuple[tuple[str, ...], int | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ class Gatherer:
         self._read = read
         self.lanes = lanes
         self.most = most
-        self._waiting: dict[str, tuple[Feed, list[_Ask]]] = {}
+        self._waiting: dict[tuple[str, bool], tuple[Feed, list[_Ask]]] = {}
         self._running: set[asyncio.Task[None]] = set()
         self.reads = 0  # reads made, and streams caught up by them (for the tests)
         self.caught = 0
@@ -64,11 +65,13 @@ class Gatherer:
     def waiting(self) -> int:
         return sum(len(asks) for _, asks in self._waiting.values())
 
-    async def since(self, feed: Feed, owners: tuple[str, ...], since: int) -> Caught | None:
-        """What changed for `owners` of `feed` since the horizon `since`; None: read it
-        alone. A connection error of the read is raised to each stream that was in it."""
+    async def since(self, feed: Feed, owners: tuple[str, ...], since: int | None) -> Caught | None:
+        """What changed for `owners` of `feed` since the horizon `since` (None: a snapshot,
+        every row they have); None: read it alone. A connection error of the read is raised
+        to each stream that was in it. Snapshots are read together, catch-ups together."""
         ask = _Ask((owners, since))
-        self._waiting.setdefault(feed.name, (feed, []))[1].append(ask)
+        key = (feed.name, since is None)
+        self._waiting.setdefault(key, (feed, []))[1].append(ask)
         self._start()
         return await ask.answer  # a stream that leaves meanwhile cancels only its own
 
@@ -123,18 +126,18 @@ def distribute(
     honoured: Callable[[int], bool],
 ) -> list[Caught | None]:
     """Each stream's share of what one read found for all of them (`items`, in version
-    order, since the lowest horizon among them): its owners', at or above its own horizon.
-    None for a stream of an owner in `alone` (too much to hold: read it alone) or whose
-    horizon is not `honoured`."""
+    order, since the lowest horizon among them, or every row for snapshots): its owners',
+    at or above its own horizon. None for a stream of an owner in `alone` (too much to
+    hold: read it alone) or whose horizon is not `honoured`."""
     by_owner: dict[str, list[Row | Gone]] = {}
     for item in items:
         by_owner.setdefault(item.owner, []).append(item)
     answers: list[Caught | None] = []
     for owners, since in wanted:
-        if not honoured(since) or any(owner in alone for owner in owners):
+        if (since is not None and not honoured(since)) or any(o in alone for o in owners):
             answers.append(None)
             continue
-        low = since * VERSION_SCALE
+        low = 0 if since is None else since * VERSION_SCALE
         mine = [i for owner in owners for i in by_owner.get(owner, ()) if i.version >= low]
         if len(owners) > 1:
             mine.sort(key=lambda item: item.version)

@@ -74,27 +74,32 @@ def since(feed: Feed, tombstones: bool, where: str = "true") -> str:
     return f"{changed} union all {gone} order by version"
 
 
-def counts(feed: Feed, cap: int) -> str:
-    """How many rows and deletes owners $1 have at versions >= $2, by owner (none: left
-    out, or 0). With an index on the owner column each owner is counted up to `cap`
-    only, enough to tell those with little to catch up from those with much, without
-    reading the whole of a large one; without one, in one pass. Nothing is rendered."""
+def counts(feed: Feed, cap: int, tombstones: bool = True) -> str:
+    """How many rows and, with `tombstones`, deletes (of feed $3) owners $1 have at
+    versions >= $2, by owner (none: left out, or 0). With an index on the owner column
+    each owner is counted up to `cap` only, enough to tell those with little to catch up
+    from those with much, without reading the whole of a large one; without one, in one
+    pass. Nothing is rendered."""
     if not feed.owner_indexed:
+        gone = (
+            " union all select t.owner_id from streamer.tombstones t"
+            " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2"
+        )
         return (
             f'select owner, count(*)::int as n from (select r."{feed.owner_column}"::text'
             f" as owner from {feed.relation} r where {owner_in(feed, '$1')}"
-            " and r.streamer_version >= $2 union all select t.owner_id"
-            " from streamer.tombstones t"
-            " where t.feed = $3 and t.owner_id = any($1::text[]) and t.version >= $2) c"
-            " group by owner"
+            f" and r.streamer_version >= $2{gone if tombstones else ''}) c group by owner"
         )
+    gone = (
+        " + (select count(*) from (select from streamer.tombstones t"
+        " where t.feed = $3 and t.owner_id = o.owner and t.version >= $2"
+        f" limit {cap:d}) y)"
+    )
     return (
         f"select o.owner, (select count(*) from (select from {feed.relation} r"
         f' where r."{feed.owner_column}" = o.owner::{feed.owner_type}'
-        " and r.streamer_version >= $2"
-        f" limit {cap:d}) x) + (select count(*) from (select from streamer.tombstones t"
-        " where t.feed = $3 and t.owner_id = o.owner and t.version >= $2"
-        f" limit {cap:d}) y) as n from unnest($1::text[]) o(owner)"
+        f" and r.streamer_version >= $2 limit {cap:d}) x){gone if tombstones else ''}"
+        " as n from unnest($1::text[]) o(owner)"
     )
 
 

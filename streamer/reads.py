@@ -190,9 +190,9 @@ class PoolReads:
                 yield read
 
     async def many(self, feed: Feed, wanted: Sequence[Wanted]) -> list[Caught | None]:
-        """The catch-ups of several streams of `feed` in one snapshot (streamer/gather.py):
-        one count of what each owner has since the lowest horizon among them, one query
-        of the rows of those with little, at most MANY_ROWS in all."""
+        """The catch-ups (or the snapshots) of several streams of `feed` in one snapshot
+        (streamer/gather.py): one count of what each owner has since the lowest horizon
+        among them, one query of the rows of those with little, at most MANY_ROWS in all."""
         async with (
             self._connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
@@ -203,11 +203,15 @@ class PoolReads:
             def honoured(since: int) -> bool:
                 return honours(since, oldest, snapshot)
 
-            owners = sorted({o for os, since in wanted if honoured(since) for o in os})
+            # Either all snapshots (every row, no deletes) or all catch-ups (gather.py).
+            horizons = [since for _, since in wanted if since is None or honoured(since)]
+            owners = sorted({o for os, h in wanted if h is None or honoured(h) for o in os})
             if not owners:
                 return distribute(snapshot, wanted, [], set(), honoured)
-            low = min(since for _, since in wanted if honoured(since)) * VERSION_SCALE
-            found = await conn.fetch(queries.counts(feed, BATCH + 1), owners, low, feed.name)
+            rows_only = horizons[0] is None
+            low = 0 if rows_only else min(h for h in horizons if h is not None) * VERSION_SCALE
+            count = queries.counts(feed, BATCH + 1, tombstones=not rows_only)
+            found = await conn.fetch(count, owners, low, *([] if rows_only else [feed.name]))
             counts = {r["owner"]: r["n"] for r in found if r["n"]}
             alone = {owner for owner, n in counts.items() if n > BATCH}
             total = sum(counts.values()) - sum(counts[owner] for owner in alone)
@@ -218,8 +222,9 @@ class PoolReads:
                     alone.add(owner)
                     total -= counts[owner]
             few = [owner for owner in counts if owner not in alone]
+            rest = [] if rows_only else [feed.name]
             records = (
-                await conn.fetch(queries.since(feed, True), few, low, feed.name) if few else []
+                await conn.fetch(queries.since(feed, not rows_only), few, low, *rest) if few else []
             )
         return distribute(snapshot, wanted, [item_of(r) for r in records], alone, honoured)
 

@@ -168,3 +168,49 @@ async def test_a_cursor_a_read_together_cannot_honour_resets_that_stream_alone(
         names = [e.name for e in stream.events]
     assert names[0] == "reset"
     assert names.count("file-update") == 2  # the whole snapshot: kept.pdf and the marker
+
+
+def test_a_snapshot_gets_its_owners_rows_whatever_their_version() -> None:
+    items: list[Row | Gone] = [row("a", 10 * VERSION_SCALE), row("b", 11 * VERSION_SCALE),
+             row("a", 12 * VERSION_SCALE)]  # fmt: skip
+    wanted: list[Wanted] = [(("a",), None), (("b", "a"), None)]
+    answers = distribute(SNAPSHOT, wanted, items, alone=set(), honoured=lambda s: False)
+    assert [a.items if a else None for a in answers] == [[items[0], items[2]], items]
+
+
+async def test_snapshots_asked_at_once_are_read_together_each_its_own_rows(
+    service: Service, db: asyncpg.Connection, owner_db: asyncpg.Connection
+) -> None:
+    users = [uuid.uuid4() for _ in range(12)]
+    expected: dict[uuid.UUID, set[str]] = {}
+    for i, user in enumerate(users):
+        kept = await insert_file(db, user, f"kept-{i}.pdf")
+        gone = await insert_file(db, user, "gone.pdf")
+        await db.execute("delete from files where id = $1", gone)
+        expected[user] = {str(kept)}
+    big = users[0]  # more rows than a batch: read alone, whole
+    await owner_db.execute(
+        "insert into files (user_id, filename) select $1, 'bulk-' || n"
+        " from generate_series(1, 1100) n",
+        big,
+    )
+    bulk = await db.fetch("select id::text from files where user_id = $1", big)
+    expected[big] = {r["id"] for r in bulk}
+    gatherer = service.app[keys.GATHERER]
+    reads_before, caught_before = gatherer.reads, gatherer.caught
+
+    async def snapshot(user: uuid.UUID) -> list[tuple[str, str | None]]:
+        url, params = service.url(EVENTS), {"snapshot": "1"}
+        async with open_stream(service.session, url, token_for(user), params=params) as s:
+            return [(e.name, e.json["file"]["id"] if e.name != "synced" else e.id)
+                    for e in s.events]  # fmt: skip
+
+    got = await asyncio.gather(*(snapshot(user) for user in users))
+    for user, events in zip(users, got, strict=True):
+        names = {name for name, _ in events[:-1]}
+        assert names == {"file-update"}, "a snapshot sends rows, no deletes, no reset"
+        assert {i for _, i in events[:-1]} == expected[user]
+        assert len(events) - 1 == len(expected[user]), "sent twice"
+        assert events[-1][0] == "synced"
+    assert gatherer.caught - caught_before == len(users)
+    assert gatherer.reads - reads_before < len(users)

@@ -307,6 +307,16 @@ async def test_a_snapshot_has_no_gap_or_reordering_against_updates_committed_mea
             yield read
 
     monkeypatch.setattr(reads, "since", held_since)
+    # A snapshot asked with others' is read by the gatherer (streamer/gather.py): held too.
+    gatherer = service.app[keys.GATHERER]
+    real_many = gatherer._read
+
+    async def held_many(*args, **kwargs):
+        reading.set()
+        await go_on.wait()
+        return await real_many(*args, **kwargs)
+
+    monkeypatch.setattr(gatherer, "_read", held_many)
     synced: asyncio.Future[list[Event]] = asyncio.get_running_loop().create_future()
 
     async def follow() -> list[Event]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from bench.report.tables import Row, ms, n
+from streamer.config import Settings
+
+DEFAULTS = Settings.model_fields  # the service runs with the defaults of these
 
 KB_PER_STREAM = 12.0
 P99_MS = 250.0
@@ -69,7 +72,9 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"({n(s['rate'])} commits/s). Kernel: somaxconn {k['somaxconn']}, "
         f"tcp_max_syn_backlog {k['tcp_max_syn_backlog']}, syncookies {k['tcp_syncookies']}, "
         f"ports {k['ip_local_port_range']}, nofile {k['nofile']}; the service's listen backlog "
-        "is aiohttp's 128 per worker.",
+        f"is {DEFAULTS['listen_backlog'].default} per worker (STREAMER_LISTEN_BACKLOG, capped "
+        f"by somaxconn), {DEFAULTS['max_opening'].default} connections a worker set up at "
+        "once (STREAMER_MAX_OPENING).",
         "",
         "| | |",
         "|---|---|",

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from jwt.algorithms import HMACAlgorithm
 
 from streamer.auth import Authenticator, Principal, mint_token
 from streamer.config import Settings
@@ -424,3 +425,23 @@ async def test_a_minted_token_carries_the_configured_audience_and_issuer() -> No
 def test_minting_a_token_without_a_positive_ttl_is_refused() -> None:
     with pytest.raises(ValueError, match="positive"):
         mint_token(SECRET, USER, 0)
+
+
+def test_the_shared_secret_is_checked_once_not_at_every_token(monkeypatch) -> None:
+    tokens = [mint_token(SECRET, USER, 60 + i) for i in range(3)]
+    forged = mint_token("another secret of thirty-two bytes", USER, 60)
+    checks = []
+    plain = HMACAlgorithm.prepare_key
+
+    def counted(self, key):
+        checks.append(key)
+        return plain(self, key)
+
+    monkeypatch.setattr(HMACAlgorithm, "prepare_key", counted)
+    auth = Authenticator(Settings(jwt_secret=SECRET))
+    for token in tokens:
+        assert asyncio.run(auth.verify(token)).subject == str(USER)
+    assert len(checks) == 1
+    # And a token signed with another secret is still refused.
+    with pytest.raises(TokenInvalid):
+        asyncio.run(auth.verify(forged))

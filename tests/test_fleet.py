@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import psutil  # type: ignore[import-untyped]
+import redis as sync_redis
 import redis.asyncio as aioredis
 
 from streamer import keys
@@ -38,7 +39,16 @@ from streamer.sources.notify import LISTEN, PING
 from tests import broker as brokers
 from tests import test_postgres_versions as versions
 from tests.broker import Broker
-from tests.conftest import SECRET, SOURCE, start_service, stop_service, token_for, wait_until
+from tests.client import open_stream
+from tests.conftest import (
+    SECRET,
+    SOURCE,
+    insert_file,
+    start_service,
+    stop_service,
+    token_for,
+    wait_until,
+)
 from tests.scrape import scrape
 from tests.test_cli import NOWHERE, Serving, serving, streamer
 from tests.test_isolation import (
@@ -784,3 +794,31 @@ async def test_a_stream_that_opens_as_the_broker_session_ends_waits_for_the_next
         await wait_until(none_active, 5)  # a walsender ends a moment after its socket
     finally:
         await db.close()
+
+
+async def test_a_crowd_of_new_owners_is_subscribed_at_the_broker_in_a_few_commands(
+    database_url: str, broker: Broker, db: asyncpg.Connection
+) -> None:
+    """Streams of new owners arriving at once (a restart's crowd) are subscribed in one
+    SUBSCRIBE each turn of the loop, not one command each, and each receives its changes."""
+    service = await start_service(database_url, broker_url=broker.url)
+    redis = sync_redis.Redis.from_url(broker.url)
+    try:
+
+        def subscribes() -> int:
+            stats = redis.info("commandstats").get("cmdstat_subscribe", {})
+            return int(stats.get("calls", 0))
+
+        before = subscribes()
+        users = [uuid.uuid4() for _ in range(40)]
+        async with contextlib.AsyncExitStack() as stack:
+            url = service.url("/api/files/events")
+            opening = [open_stream(service.session, url, token_for(u)) for u in users]
+            streams = await asyncio.gather(*map(stack.enter_async_context, opening))
+            assert subscribes() - before < len(users) // 4
+            ids = [await insert_file(db, user) for user in users]
+            for stream, file_id in zip(streams, ids, strict=True):
+                assert (await stream.next()).file["id"] == str(file_id)
+    finally:
+        redis.close()
+        await stop_service(service)

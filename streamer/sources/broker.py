@@ -112,11 +112,13 @@ class BrokerSource:
         self._ticked = asyncio.Event()
         self._last_tick = 0.0
         self._failure: Exception | None = None
-        self._unsubscribing: set[asyncio.Task[None]] = set()
+        self._unsubscribing: set[asyncio.Task[None]] = set()  # and subscribing
+        self._asked: list[str] = []  # channels to subscribe, in the next command
 
     async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
         self._ticked.clear()
+        self._asked = []  # this session subscribes every key followed
         self._failure = None
         self._session_epoch = None
         self._receive = receive
@@ -137,30 +139,44 @@ class BrokerSource:
             raise ConnectionError(f"the broker: {self._failure}") from self._failure
 
     def follow(self, key: Key) -> Awaitable[None] | None:
+        """Subscribe to `key`'s channel; done once the broker confirmed it (changes
+        published from then on come here). The keys followed within one turn of the loop
+        (a crowd arriving) are subscribed in one command."""
         self._following.add(key)
         if self._pubsub is None or self._lost.is_set():
             return None  # the next session subscribes it, and its recovery catches it up
         channel = owner_channel(self._prefix, *key)
         confirmed = self._confirming.get(channel.encode())
-        if confirmed is None:
+        if confirmed is None or confirmed.cancelled():  # cancelled: its stream left
             confirmed = asyncio.get_running_loop().create_future()
             self._confirming[channel.encode()] = confirmed
-        return self._subscribe(self._pubsub, channel, confirmed)
+            self._asked.append(channel)
+            if len(self._asked) == 1:
+                task = asyncio.ensure_future(self._subscribe(self._pubsub))
+                self._unsubscribing.add(task)
+                task.add_done_callback(self._unsubscribing.discard)
+        return confirmed
 
-    async def _subscribe(
-        self, pubsub: redis.client.PubSub, channel: str, confirmed: asyncio.Future[None]
-    ) -> None:
-        """Subscribe in the session `follow` was called in. It runs a moment later: that
-        session may have ended meanwhile (its confirmations are then given up on, and the
-        next session subscribes every key followed)."""
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await pubsub.subscribe(channel)
-            await confirmed  # the broker's answer: changes published from now on come here
+    async def _subscribe(self, pubsub: redis.client.PubSub) -> None:
+        """Subscribe, in the session `follow` was called in, every channel asked since. It
+        runs a moment later: that session may have ended meanwhile (its confirmations are
+        then given up on, and the next session subscribes every key followed)."""
+        if pubsub is not self._pubsub:
+            return  # a new session: it subscribed every key followed, these too
+        channels, self._asked = self._asked, []
+        try:
+            await pubsub.subscribe(*channels)
             return
+        except CONNECTION_ERRORS:
+            pass
+        except Exception:  # redis's client, its connection reset under it meanwhile
+            log.warning("subscribing at the broker failed; starting a new session", exc_info=True)
         if pubsub is self._pubsub:
-            self._lost.set()  # the session ends; the next one subscribes it
-        if not confirmed.done():
-            confirmed.set_result(None)
+            self._lost.set()  # the session ends; the next one subscribes them
+        for channel in channels:
+            confirmed = self._confirming.pop(channel.encode(), None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
 
     def unfollow(self, key: Key) -> None:
         self._following.discard(key)

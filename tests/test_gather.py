@@ -56,7 +56,7 @@ class Reads:
         await self.go.wait()
         if self.fail is not None:
             raise self.fail
-        return [Caught(SNAPSHOT, [row(owners[0], since)]) for owners, since in wanted]
+        return [Caught(SNAPSHOT, [row(owners[0], since or 0)]) for owners, since in wanted]
 
 
 async def test_a_catch_up_alone_is_read_at_once_and_those_asked_meanwhile_together() -> None:

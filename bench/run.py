@@ -1,7 +1,7 @@
 """`make bench`: every scenario against a real Postgres and the real service, side by side
 with the floor and the naive design; writes bench/results/ (results.md, results.json, PNGs).
 
-    python -m bench.run                      # everything, at full scale (under 10 minutes)
+    python -m bench.run                      # everything, full scale (~20 min: the crowd 10)
     python -m bench.run --quick              # a smoke run at small scale
     python -m bench.run --only latency,capacity
 """

@@ -39,8 +39,8 @@ JWKS_ALGORITHMS = ("RS256", "ES256")
 
 
 class _CheckedSecret(HMACAlgorithm):
-    """HS256, the shared secret checked once: pyjwt checks on every decode that an HMAC key
-    is not a PEM, SSH or DER key (parsing it as DER twice), half of what a token costs."""
+    """HS256, the secret checked once: pyjwt checks at every decode that it is no PEM, SSH
+    or DER key (parsing it as DER twice), half of what a token costs."""
 
     def __init__(self) -> None:
         super().__init__(HMACAlgorithm.SHA256)
@@ -50,15 +50,6 @@ class _CheckedSecret(HMACAlgorithm):
         if self._checked is None or self._checked[0] != key:
             self._checked = (key, super().prepare_key(key))
         return self._checked[1]
-
-
-def _decoder() -> jwt.PyJWT:
-    """pyjwt's decoder, its HS256 checking the secret once (tests/test_auth.py checks this
-    against the pyjwt this project pins)."""
-    decoder = jwt.PyJWT()
-    decoder._jws.unregister_algorithm(SECRET_ALGORITHM)
-    decoder._jws.register_algorithm(SECRET_ALGORITHM, _CheckedSecret())
-    return decoder
 
 
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
@@ -103,7 +94,9 @@ class Authenticator:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._secret = settings.jwt_secret or None
-        self._jwt = _decoder()
+        self._jwt = jwt.PyJWT()  # its HS256 checks the secret once (tests/test_auth.py)
+        self._jwt._jws.unregister_algorithm(SECRET_ALGORITHM)
+        self._jwt._jws.register_algorithm(SECRET_ALGORITHM, _CheckedSecret())
         self._jwks_url = settings.jwks_url or None
         self._audience = settings.jwt_audience or None
         self._issuer = settings.jwt_issuer or None

@@ -61,6 +61,17 @@ class Metrics:
         self.rejected_streams = Counter(
             "streamer_streams_rejected", "Streams refused for a limit", ["reason"], registry=r
         )
+        self._waits(r)
+        self._fleet(r)
+        self.task_failures = Counter(
+            "streamer_task_failures",
+            "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",
+            ["task"],
+            registry=r,
+        )
+
+    def _waits(self, r: CollectorRegistry) -> None:
+        """What a stream's set-up waits for: a connection of the pool, its turn at the gate."""
         self.pool_wait = Histogram(
             "streamer_pool_wait_seconds",
             "How long a read (a stream's catch-up or snapshot, a recovery) waited for a"
@@ -83,13 +94,6 @@ class Metrics:
         self.connections_waited = Counter(
             "streamer_connections_waited",
             "Connections that waited at the gate before they were read",
-            registry=r,
-        )
-        self._fleet(r)
-        self.task_failures = Counter(
-            "streamer_task_failures",
-            "Times a long-lived task (listener, heartbeats, ...) failed and was restarted",
-            ["task"],
             registry=r,
         )
 

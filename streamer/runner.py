@@ -129,21 +129,28 @@ async def _serve(
         gc.freeze()
         if together is not None and not await _all_ready(together, stop):
             return
-        reuse, backlog = reuse_port or None, settings.listen_backlog
-        site = GatedSite(runner, app[keys.GATE], settings.host, settings.port,
-                         reuse_port=reuse, backlog=backlog)  # fmt: skip
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen on {settings.host}:{settings.port}: {first_line(exc)}"
-            ) from None
-        # The real port: STREAMER_PORT=0 picks a free one.
-        log.info("serving on %s", ", ".join(_url(address) for address in runner.addresses))
+        await _listen(runner, app, settings, reuse_port=reuse_port)
         await stop.wait()
         log.info("stopping: ending open streams")
     finally:
         await runner.cleanup()
+
+
+async def _listen(
+    runner: web.AppRunner, app: web.Application, settings: Settings, *, reuse_port: bool
+) -> None:
+    """Open the port, every connection through the app's gate."""
+    reuse, backlog = reuse_port or None, settings.listen_backlog
+    site = GatedSite(runner, app[keys.GATE], settings.host, settings.port,
+                     reuse_port=reuse, backlog=backlog)  # fmt: skip
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port}: {first_line(exc)}"
+        ) from None
+    # The real port: STREAMER_PORT=0 picks a free one.
+    log.info("serving on %s", ", ".join(_url(address) for address in runner.addresses))
 
 
 async def _all_ready(together: Barrier, stop: asyncio.Event) -> bool:

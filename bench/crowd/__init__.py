@@ -14,7 +14,7 @@ Measured, in order:
 - the herd: the writers keep writing; the whole service (supervisor and workers) is
   SIGKILLed and started again at once, as systemd's `Restart=` would; every tab reconnects
   after its `retry:` (jittered) with Last-Event-ID. The time to the last tab synced again,
-  the pool's waits (a probe in the service's processes: it exposes no pool metric), the
+  the pool's waits (a probe in the service's processes times every acquire), the
   Postgres connections it held, and at the end every tab's row version against the
   database's: nothing lost.
 """
@@ -281,6 +281,18 @@ def versions(
     return seen, truth
 
 
+def _resynced(remotes: list[Remote], killed: int, s: Settings) -> list[int]:
+    """When each tab synced again after the kill, once all have or the herd timed out. A
+    client process busy with its tabs' reconnects may answer late: it is waited for."""
+    deadline = time.monotonic() + s.herd_timeout
+    while True:
+        replies = call_all(remotes, "synced_since", timeout=s.herd_timeout, t=killed)
+        synced = [t for r in replies for t in r["synced"]]
+        if len(synced) >= s.streams or time.monotonic() >= deadline:
+            return synced
+        time.sleep(1)
+
+
 def herd(
     ctx: Context,
     s: Settings,
@@ -302,14 +314,7 @@ def herd(
             restart_s: float | None = service.start(timeout=s.herd_timeout)
         except RuntimeError as exc:  # not every worker listening and ready: measured anyway
             restart_s, restart_error = None, str(exc).splitlines()[0]
-        deadline = time.monotonic() + s.herd_timeout
-        back = 0
-        while time.monotonic() < deadline:
-            back = sum(len(r["synced"]) for r in call_all(remotes, "synced_since", t=killed))
-            if back >= s.streams:
-                break
-            time.sleep(0.5)
-        synced = [t for r in call_all(remotes, "synced_since", t=killed) for t in r["synced"]]
+        synced = _resynced(remotes, killed, s)
         resynced = np.array(synced, dtype=np.int64)
         time.sleep(2)
     commits = writer.finish(now=True)

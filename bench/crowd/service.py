@@ -78,7 +78,9 @@ class Service:
         self.server = ServerProcess("crowd-service", command, self.env, self.port, self.code)
         deadline = started + timeout
         self.listen_times = []
-        while (listening := self.listening()) < self.workers or not self.ready():
+        # /readyz waits its turn at the gate behind a returning crowd: a probe that gave up
+        # after 2 s would join the end of the queue again each time.
+        while (listening := self.listening()) < self.workers or not self.ready(wait=30):
             while len(self.listen_times) < listening:
                 self.listen_times.append(round(time.monotonic() - started, 2))
             if self.server.process.poll() is not None:
@@ -117,10 +119,11 @@ class Service:
             counts.append(count)
         return counts
 
-    def ready(self) -> bool:
+    def ready(self, wait: float = 2) -> bool:
+        url = f"http://127.0.0.1:{self.port}/readyz"
         with (
             contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as answer,
+            urllib.request.urlopen(url, timeout=wait) as answer,
         ):
             return bool(answer.status == 200)
         return False

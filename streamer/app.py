@@ -210,10 +210,12 @@ async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
         await asyncio.sleep(PRUNE_EVERY)
 
 
-async def _every(seconds: float, step: Callable[[], None]) -> None:
+async def _every(seconds: float, step: Callable[[], Awaitable[None] | None]) -> None:
     while True:
         await asyncio.sleep(seconds)
-        step()
+        done = step()
+        if done is not None:
+            await done
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

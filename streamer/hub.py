@@ -25,6 +25,8 @@ from streamer.sse import HeartbeatEvent, deleted_frame, frame, now, timestamp_no
 from streamer.subscriber import Ended, Envelope, Key, envelope
 from streamer.views import View
 
+HEARTBEAT_SLICE = 500  # streams given their heartbeat at once, before the loop runs others
+
 log = logging.getLogger(__name__)
 
 
@@ -210,11 +212,18 @@ class Hub(Registry):
 
     # -- heartbeats and stuck writers -----------------------------------------------
 
-    def heartbeat(self) -> None:
+    async def heartbeat(self) -> None:
+        """Every stream's heartbeat, HEARTBEAT_SLICE streams at a time, the loop running
+        whatever else is ready in between: 16,000 streams in one pass (18 µs each) would
+        hold an event that arrives meanwhile for 300 ms."""
         beat = envelope(frame(HeartbeatEvent(timestamp=now())))
-        for sub in list(self.subscribers()):
-            if not sub.push(beat):
-                self.cut(sub)
+        subs = list(self.subscribers())
+        for start in range(0, len(subs), HEARTBEAT_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for sub in subs[start : start + HEARTBEAT_SLICE]:
+                if not sub.push(beat):
+                    self.cut(sub)
 
     def sweep(self) -> None:
         """Cut every stream whose connection has held unsent bytes for longer than the

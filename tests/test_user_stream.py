@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import asyncpg
+import pytest
 
+from streamer import hub as hub_module
+from streamer import keys
+from streamer.subscriber import Envelope, Subscriber
 from tests.client import open_stream
 from tests.conftest import SOURCE, Service, insert_file, start_service, stop_service, token_for
 
@@ -243,3 +248,32 @@ async def test_snapshot_sends_every_current_file_before_synced(service: Service,
         assert stream.events[-1].name == "synced"
         assert {e.file["id"] for e in before} == ids
         assert all(e.name == "file-update" for e in before)
+
+
+async def test_a_heartbeat_round_lets_the_loop_run_between_slices(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of streams' heartbeats are written a slice at a time: an event that
+    arrives during the round waits for one slice, not for the whole round."""
+    service = await start_service(database_url, heartbeat_seconds=3600)
+    try:
+        users = [uuid.uuid4() for _ in range(3)]
+        async with contextlib.AsyncExitStack() as stack:
+            for u in users:
+                url = service.url(EVENTS)
+                await stack.enter_async_context(open_stream(service.session, url, token_for(u)))
+            monkeypatch.setattr(hub_module, "HEARTBEAT_SLICE", 1)
+            order: list[str] = []
+            plain = Subscriber.push
+
+            def push(sub: Subscriber, envelope: Envelope) -> bool:
+                if not order:  # something else becomes ready during the round
+                    asyncio.get_running_loop().call_soon(order.append, "other")
+                order.append("heartbeat")
+                return plain(sub, envelope)
+
+            monkeypatch.setattr(Subscriber, "push", push)
+            await service.app[keys.HUB].heartbeat()
+            assert order == ["heartbeat", "other", "heartbeat", "heartbeat"]
+    finally:
+        await stop_service(service)

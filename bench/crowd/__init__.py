@@ -30,6 +30,7 @@ import numpy as np
 
 from bench.agent import Remote, call_all, now_ns
 from bench.crowd.service import Service, kernel_limits, tcp_counters
+from bench.crowd.state import settled
 from bench.crowd.tabs import CrowdSpec, crowd_main
 from bench.fleet import broker
 from bench.harness import SECRET, Postgres, sampling
@@ -267,20 +268,6 @@ def delivery(
     }
 
 
-def versions(
-    ctx: Context, s: Settings, remotes: list[Remote], people: Population
-) -> tuple[Any, Any]:
-    """Every tab's row version, and the database's for the same row."""
-    replies = call_all(remotes, "state")
-    index = np.array([i for r in replies for i in r["index"]], dtype=np.int64)
-    seen = np.array([v for r in replies for v in r["version"]], dtype=np.int64)
-    with ctx.pg.connect() as conn:
-        query = "select id::text, streamer_version from files where id = any(%s::uuid[])"
-        found = dict(conn.execute(query, (people.rows,)).fetchall())
-    truth = np.array([found[people.rows[u]] for u in plan(s.users, s.tabs)[index]])
-    return seen, truth
-
-
 def _resynced(remotes: list[Remote], killed: int, s: Settings) -> list[int]:
     """When each tab synced again after the kill, once all have or the herd timed out. A
     client process busy with its tabs' reconnects may answer late: it is waited for."""
@@ -321,7 +308,7 @@ def herd(
     time.sleep(3)  # the last commits' events
     stats = total(call_all(remotes, "stats"))
     call_all(remotes, "dump")  # the arrivals of this phase are not timed
-    seen, truth = versions(ctx, s, remotes, people)
+    seen, truth, behind_at_first, converged = settled(ctx, remotes, people, plan(s.users, s.tabs))
     after = (resynced - killed) / 1e9
     return {
         "restart_s": None if restart_s is None else round(restart_s, 2),
@@ -334,7 +321,9 @@ def herd(
         "last_resync_s": round(float(after.max()), 2) if len(after) else None,
         "resync_p50_s": pct(after, 50),
         "resync_p99_s": pct(after, 99),
-        "stale": int((seen < truth).sum()),
+        "stale_at_first": behind_at_first,  # 3 s after the last commit
+        "converged_s": round(converged, 1),
+        "stale": int((seen < truth).sum()),  # after that: lost
         "ahead": int((seen > truth).sum()),
         "commits": commits.count,
         "refused": stats.get("refused", {}),

@@ -211,8 +211,13 @@ async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
 
 
 async def _every(seconds: float, step: Callable[[], Awaitable[None] | None]) -> None:
+    """`step` every `seconds`, on a fixed cadence: a step that takes a while (a heartbeat
+    round over thousands of streams) does not push the next one later."""
+    loop = asyncio.get_running_loop()
+    due = loop.time()
     while True:
-        await asyncio.sleep(seconds)
+        due = max(due + seconds, loop.time())  # a round that overran: the next at once
+        await asyncio.sleep(due - loop.time())
         done = step()
         if done is not None:
             await done

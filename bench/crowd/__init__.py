@@ -308,7 +308,7 @@ def herd(
     time.sleep(3)  # the last commits' events
     stats = total(call_all(remotes, "stats"))
     call_all(remotes, "dump")  # the arrivals of this phase are not timed
-    seen, truth, behind_at_first, converged = settled(ctx, remotes, people, plan(s.users, s.tabs))
+    state = settled(ctx, remotes, people, plan(s.users, s.tabs))
     after = (resynced - killed) / 1e9
     return {
         "restart_s": None if restart_s is None else round(restart_s, 2),
@@ -321,10 +321,7 @@ def herd(
         "last_resync_s": round(float(after.max()), 2) if len(after) else None,
         "resync_p50_s": pct(after, 50),
         "resync_p99_s": pct(after, 99),
-        "stale_at_first": behind_at_first,  # 3 s after the last commit
-        "converged_s": round(converged, 1),
-        "stale": int((seen < truth).sum()),  # after that: lost
-        "ahead": int((seen > truth).sum()),
+        **state,
         "commits": commits.count,
         "refused": stats.get("refused", {}),
         "reconnects": stats.get("reconnects", 0),

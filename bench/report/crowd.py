@@ -100,9 +100,11 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"{', '.join(map(str, h.get('sockets', [])))}; "
         f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
         f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill |",
-        f"| ... state at the end | {h['stale']} tabs older than the database, "
-        f"{h['ahead']} ahead ({n(h.get('stale_at_first'))} behind 3 s after the last commit, "
-        f"caught up {h.get('converged_s')} s later); {n(h['commits'])} commits meanwhile |",
+        f"| ... state at the end | {h['stale']} tabs older than the database "
+        f"({n(h.get('stale_live'))} of them live), {h['ahead']} ahead "
+        f"({n(h.get('stale_at_first'))} behind 3 s after the last commit, "
+        f"{h.get('converged_s')} s before they agreed or were given up on); "
+        f"{n(h['commits'])} commits meanwhile |",
         f"| ... reconnects | {n(h['reconnects'])} attempts; refused: {herd_refused} |",
         f"| ... the restarted service logged | "
         f"{'; '.join(f'{v:,} x `{e}`' for e, v in h.get('errors', {}).items()) or 'no error'} |",

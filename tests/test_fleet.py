@@ -34,7 +34,16 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 
 from streamer import keys
-from streamer.sources.broker import BrokerSource
+from streamer.changes import Signed
+from streamer.metrics import Metrics
+from streamer.sources.broker import (
+    TICK,
+    BrokerSource,
+    all_channel,
+    fleet_prefix,
+    message,
+    owner_channel,
+)
 from streamer.sources.notify import LISTEN, PING
 from tests import broker as brokers
 from tests import test_postgres_versions as versions
@@ -822,3 +831,103 @@ async def test_a_crowd_of_new_owners_is_subscribed_at_the_broker_in_a_few_comman
     finally:
         redis.close()
         await stop_service(service)
+
+
+def numsub(broker: Broker, channel: str) -> int:
+    client = sync_redis.Redis.from_url(broker.url)
+    try:
+        [(_, count)] = client.pubsub_numsub(channel)
+        return int(count)
+    finally:
+        client.close()
+
+
+async def test_an_owner_left_and_followed_again_at_once_stays_subscribed_and_gets_its_changes(
+    database_url: str, broker: Broker, db: asyncpg.Connection
+) -> None:
+    """An owner's last stream leaves and a new one of it comes in the same turn of the loop
+    (a herd: one tab cut in its set-up, the user's other tab arriving), while other owners'
+    subscriptions wait for the next command; and an owner followed and left at once. The
+    broker is told in the order asked: the first stays subscribed (its new stream confirmed
+    by its second SUBSCRIBE, not by the first) and gets its changes; the second is not left
+    subscribed (an UNSUBSCRIBE sent ahead of the SUBSCRIBE it undoes left it so)."""
+    service = await start_service(database_url, broker_url=broker.url)
+    try:
+        app = service.app
+        hub, feed = app[keys.HUB], app[keys.FEEDS].get("files")
+        source = app[keys.DISPATCHER].source
+        assert isinstance(source, BrokerSource) and feed is not None
+        owner, other, passer = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        expires = time.time() + 60
+        # All in one turn of the loop, as the hub's callers do it.
+        hub.subscribe(feed, str(other), "someone else")  # a SUBSCRIBE is on its way
+        first = hub.subscribe(feed, str(owner), str(owner))
+        hub.release(first)  # gone at once: its owner is left
+        again = hub.subscribe(feed, str(owner), str(owner))  # and followed again
+        passing = hub.subscribe(feed, str(passer), str(passer))
+        hub.release(passing)  # this one left for good
+        # Another stream of the owner: given once the owner's subscription is confirmed.
+        tab = await asyncio.wait_for(
+            hub.open(feed, str(owner), str(owner), None, expires_at=expires), 5
+        )
+        # The broker has done whatever came before a later SUBSCRIBE once that is confirmed.
+        await asyncio.wait_for(
+            hub.open(feed, str(uuid.uuid4()), "a third", None, expires_at=expires), 5
+        )
+        prefix = fleet_prefix(source.signed.key)
+        channel = owner_channel(prefix, "files", str(owner))
+        assert numsub(broker, channel) == 1, "the owner's channel was unsubscribed last"
+        assert numsub(broker, owner_channel(prefix, "files", str(passer))) == 0
+        async with open_stream(service.session, service.url(EVENTS), token_for(owner)) as stream:
+            file_id = await insert_file(db, owner)
+            assert (await stream.next()).file["id"] == str(file_id)
+        hub.release(tab)
+        hub.release(again)
+    finally:
+        await stop_service(service)
+
+
+async def test_an_owner_followed_during_the_first_subscribe_of_a_session_is_confirmed_on_it(
+    broker: Broker,
+) -> None:
+    """A key followed while a session's first SUBSCRIBE is on its way (streams arriving as
+    the node reconnects) is subscribed after it, on the session's one connection: two
+    commands at once made redis-py's pub/sub open a second connection, one of the two
+    never read (its confirmation never came, or the session's ticks never did)."""
+    key = b"k" * 32
+
+    async def signing_key() -> bytes:
+        return key
+
+    async def no_mark(_token: str) -> None:
+        return None
+
+    source = BrokerSource(
+        broker.url,
+        Signed(signing_key),
+        no_mark,
+        name=SOURCE,
+        metrics=Metrics(),
+        tick_timeout=5,
+    )
+    publisher = aioredis.Redis.from_url(broker.url)
+    prefix = fleet_prefix(key)
+    connecting = asyncio.ensure_future(source.connect(lambda _payload: None))
+    try:
+        following = None
+        async with asyncio.timeout(5):
+            while following is None:  # until the first SUBSCRIBE is being sent
+                await asyncio.sleep(0)
+                following = source.follow(("files", "late"))
+        while not connecting.done():  # the session's reader, ticking
+            await publisher.publish(all_channel(prefix), message(key, 7, TICK, "1"))
+            await asyncio.sleep(0.01)
+        await connecting
+        await asyncio.wait_for(following, 5)
+        assert numsub(broker, owner_channel(prefix, "files", "late")) == 1
+        clients = await publisher.client_list(_type="pubsub")
+        assert len(clients) == 1, clients
+    finally:
+        connecting.cancel()
+        await source.close()
+        await publisher.aclose()

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,7 @@ Key = tuple[str, str]  # (feed, owner)
 # ConnectionError, which the dispatcher retries like a lost LISTEN.
 CONNECTION_ERRORS = (*DATABASE_ERRORS, RedisError)
 CHANGE, MARKER, HINT, TICK = "c", "m", "h", "t"
+SUBSCRIBE, UNSUBSCRIBE = "subscribe", "unsubscribe"
 
 
 def fleet_prefix(key: bytes) -> str:
@@ -112,13 +114,20 @@ class BrokerSource:
         self._ticked = asyncio.Event()
         self._last_tick = 0.0
         self._failure: Exception | None = None
-        self._unsubscribing: set[asyncio.Task[None]] = set()  # and subscribing
-        self._asked: list[str] = []  # channels to subscribe, in the next command
+        # The session's SUBSCRIBE and UNSUBSCRIBE commands, in the order asked (a run of
+        # one kind is one command), sent one at a time by `_send` once the session's first
+        # SUBSCRIBE is done; and, per channel, the `subscribe` replies still to come.
+        self._commands: deque[tuple[str, dict[bytes, None]]] = deque()
+        self._replies: dict[bytes, int] = {}
+        self._open = False
+        self._sender: asyncio.Task[None] | None = None
 
     async def connect(self, receive: Callable[[Payload], None]) -> None:
         self._lost.clear()
         self._ticked.clear()
-        self._asked = []  # this session subscribes every key followed
+        self._commands.clear()  # this session subscribes every key followed
+        self._replies.clear()
+        self._open = False
         self._failure = None
         self._session_epoch = None
         self._receive = receive
@@ -126,17 +135,24 @@ class BrokerSource:
         self._prefix = fleet_prefix(self.signed.key)
         self._client = redis.Redis.from_url(self.url, socket_connect_timeout=5)
         self._pubsub = self._client.pubsub()
-        channels = [owner_channel(self._prefix, *key) for key in self._following]
+        channels = [all_channel(self._prefix).encode()]
+        channels += [self._channel(key) for key in self._following]
+        self._expect(channels)
         try:
-            await self._pubsub.subscribe(all_channel(self._prefix), *channels)
+            await self._pubsub.subscribe(*channels)
         except RedisError as exc:
             raise ConnectionError(f"the broker: {exc}") from exc
         self._reader = asyncio.create_task(self._read())
+        self._open = True
+        self._wake()  # what was followed or left meanwhile
         # The first tick names the reader this session starts with: any later is a gap.
         async with asyncio.timeout(self.tick_timeout):
             await self._ticked.wait()
         if self._failure is not None:
             raise ConnectionError(f"the broker: {self._failure}") from self._failure
+
+    def _channel(self, key: Key) -> bytes:
+        return owner_channel(self._prefix, *key).encode()
 
     def follow(self, key: Key) -> Awaitable[None] | None:
         """Subscribe to `key`'s channel; done once the broker confirmed it (changes
@@ -145,49 +161,80 @@ class BrokerSource:
         self._following.add(key)
         if self._pubsub is None or self._lost.is_set():
             return None  # the next session subscribes it, and its recovery catches it up
-        channel = owner_channel(self._prefix, *key)
-        confirmed = self._confirming.get(channel.encode())
+        channel = self._channel(key)
+        confirmed = self._confirming.get(channel)
         if confirmed is None or confirmed.cancelled():  # cancelled: its stream left
             confirmed = asyncio.get_running_loop().create_future()
-            self._confirming[channel.encode()] = confirmed
-            self._asked.append(channel)
-            if len(self._asked) == 1:
-                task = asyncio.ensure_future(self._subscribe(self._pubsub))
-                self._unsubscribing.add(task)
-                task.add_done_callback(self._unsubscribing.discard)
+            self._confirming[channel] = confirmed
+            self._command(SUBSCRIBE, channel)
         return confirmed
 
-    async def _subscribe(self, pubsub: redis.client.PubSub) -> None:
-        """Subscribe, in the session `follow` was called in, every channel asked since. It
-        runs a moment later: that session may have ended meanwhile (its confirmations are
-        then given up on, and the next session subscribes every key followed)."""
-        if pubsub is not self._pubsub:
-            return  # a new session: it subscribed every key followed, these too
-        channels, self._asked = self._asked, []
+    def unfollow(self, key: Key) -> None:
+        self._following.discard(key)
+        if self._pubsub is not None and not self._lost.is_set():
+            self._command(UNSUBSCRIBE, self._channel(key))
+
+    def _command(self, kind: str, channel: bytes) -> None:
+        """Queue `channel` for the next command of `kind`. Commands go out in the order
+        they were asked: a key left and followed again within a turn (its last stream gone,
+        a new one come) is unsubscribed, then subscribed, and its confirmation is the reply
+        to that last SUBSCRIBE, not to an earlier one still on its way."""
+        if self._commands and self._commands[-1][0] == kind:
+            batch = self._commands[-1][1]
+            if channel in batch:
+                return  # one reply for it, however often it is named in one command
+            batch[channel] = None
+        else:
+            self._commands.append((kind, {channel: None}))
+        if kind == SUBSCRIBE:
+            self._expect([channel])
+        self._wake()
+
+    def _expect(self, channels: list[bytes]) -> None:
+        for channel in channels:
+            self._replies[channel] = self._replies.get(channel, 0) + 1
+
+    def _wake(self) -> None:
+        if self._open and self._commands and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.ensure_future(self._send(self._pubsub))
+
+    async def _send(self, pubsub: redis.client.PubSub) -> None:
+        """Send the queued commands, one at a time, in the session they were asked in (one
+        command on the wire at a time: redis-py's pub/sub may open a second connection for
+        two at once). A failure ends the session; the next subscribes every key followed."""
         try:
-            await pubsub.subscribe(*channels)
+            while self._commands and pubsub is self._pubsub and not self._lost.is_set():
+                kind, channels = self._commands.popleft()
+                if kind == SUBSCRIBE:
+                    await pubsub.subscribe(*channels)
+                else:
+                    await pubsub.unsubscribe(*channels)
             return
         except CONNECTION_ERRORS:
             pass
         except Exception:  # redis's client, its connection reset under it meanwhile
             log.warning("subscribing at the broker failed; starting a new session", exc_info=True)
         if pubsub is self._pubsub:
-            self._lost.set()  # the session ends; the next one subscribes them
-        for channel in channels:
-            confirmed = self._confirming.pop(channel.encode(), None)
-            if confirmed is not None and not confirmed.done():
+            self._lost.set()  # the session ends (and, with it, its confirmations)
+
+    def _confirmed(self, channel: bytes) -> None:
+        """A `subscribe` reply: the channel's confirmation once it is the last one asked."""
+        left = self._replies.pop(channel, 1) - 1
+        if left > 0:
+            self._replies[channel] = left
+            return
+        confirmed = self._confirming.pop(channel, None)
+        if confirmed is not None and not confirmed.done():
+            confirmed.set_result(None)
+
+    def _give_up(self) -> None:
+        """The session ended: every confirmation waited for is given up on (its stream goes
+        on; the next session subscribes every key followed, and its recovery catches each
+        stream up)."""
+        for confirmed in self._confirming.values():
+            if not confirmed.done():
                 confirmed.set_result(None)
-
-    def unfollow(self, key: Key) -> None:
-        self._following.discard(key)
-        if self._pubsub is not None and not self._lost.is_set():
-            task = asyncio.create_task(self._unsubscribe(owner_channel(self._prefix, *key)))
-            self._unsubscribing.add(task)
-            task.add_done_callback(self._unsubscribing.discard)
-
-    async def _unsubscribe(self, channel: str) -> None:
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._pubsub.unsubscribe(channel)
+        self._confirming.clear()
 
     async def _read(self) -> None:
         try:
@@ -195,17 +242,12 @@ class BrokerSource:
                 if item["type"] == "message":
                     self._message(item["data"])
                 elif item["type"] == "subscribe":
-                    confirmed = self._confirming.pop(item["channel"], None)
-                    if confirmed is not None and not confirmed.done():
-                        confirmed.set_result(None)
+                    self._confirmed(item["channel"])
         except CONNECTION_ERRORS as exc:
             self._failure = exc
         finally:
             self._lost.set()
-            for confirmed in self._confirming.values():
-                if not confirmed.done():
-                    confirmed.set_result(None)  # given up on: the next session covers it
-            self._confirming.clear()
+            self._give_up()
 
     def _message(self, data: bytes) -> None:
         try:
@@ -251,10 +293,14 @@ class BrokerSource:
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None
+        sender, self._sender = self._sender, None
         pubsub, self._pubsub = self._pubsub, None
         client, self._client = self._client, None
-        if reader is not None:
-            await stopped(reader)
+        self._open = False
+        for task in (sender, reader):
+            if task is not None:
+                await stopped(task)
+        self._give_up()
         with contextlib.suppress(*CONNECTION_ERRORS):
             if pubsub is not None:
                 await pubsub.aclose()

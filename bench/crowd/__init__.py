@@ -308,7 +308,7 @@ def herd(
     time.sleep(3)  # the last commits' events
     stats = total(call_all(remotes, "stats"))
     call_all(remotes, "dump")  # the arrivals of this phase are not timed
-    state = settled(ctx, remotes, people, plan(s.users, s.tabs))
+    state = settled(ctx, remotes, people, plan(s.users, s.tabs), service.port)
     after = (resynced - killed) / 1e9
     return {
         "restart_s": None if restart_s is None else round(restart_s, 2),

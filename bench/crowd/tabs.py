@@ -64,7 +64,8 @@ class CrowdSpec:
 class Tab(asyncio.Protocol):
     __slots__ = (
         "beat_ns", "chunk_left", "crowd", "head", "in_body", "index", "last_id", "live",
-        "need_crlf", "raw", "rest", "retry_ms", "synced_ns", "token", "transport", "version",
+        "need_crlf", "raw", "rest", "resumed", "retry_ms", "synced_id", "synced_ns", "token",
+        "transport", "version",
     )  # fmt: skip
 
     def __init__(self, crowd: Crowd, index: int, token: str) -> None:
@@ -77,6 +78,8 @@ class Tab(asyncio.Protocol):
         self.retry_ms = DEFAULT_RETRY_MS
         self.live = False  # synced on this connection
         self.synced_ns = 0  # when this tab was last synced
+        self.synced_id: bytes | None = None  # the cursor `synced` gave it then
+        self.resumed: bytes | None = None  # the cursor its last request resumed from
         self.beat_ns = 0
         self._reset()
 
@@ -90,6 +93,7 @@ class Tab(asyncio.Protocol):
         self.live = False
 
     def request(self) -> bytes:
+        self.resumed = self.last_id
         resume = f"Last-Event-ID: {self.last_id.decode()}\r\n" if self.last_id else ""
         return (
             f"GET {self.crowd.spec.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.crowd.spec.port}\r\n"
@@ -185,6 +189,7 @@ class Tab(asyncio.Protocol):
             elif name == b"synced":
                 self.live = True
                 self.synced_ns = t
+                self.synced_id = self.last_id
                 self.crowd.synced(self)
             elif name == b"reset":
                 self.version = 0
@@ -216,6 +221,7 @@ class Crowd:
     def __init__(self, spec: CrowdSpec) -> None:
         self.spec = spec
         self.tabs = [Tab(self, index, token) for index, token in spec.tabs]
+        self.by_index = {tab.index: tab for tab in self.tabs}
         self.recorder = Recorder(spec.name)
         self.rng = random.Random(spec.name)
         self.stopping = False
@@ -251,6 +257,8 @@ class Crowd:
                 "version": [t.version for t in tabs],
                 "live": [t.live for t in tabs],
             }
+        if command == "detail":  # of the tabs asked for (by stream index): where they are
+            return {"tabs": [self._detail(self.by_index[i]) for i in args["index"]]}
         if command == "stop":
             self.stopping = True
             for tab in self.tabs:
@@ -258,6 +266,18 @@ class Crowd:
             await asyncio.sleep(0.2)
             return self._stats()
         raise ValueError(f"unknown command {command!r}")
+
+    def _detail(self, tab: Tab) -> dict[str, Any]:
+        sockname = tab.transport.get_extra_info("sockname") if tab.transport else None
+        text = {"last_id": tab.last_id, "synced_id": tab.synced_id, "resumed": tab.resumed}
+        return {
+            "index": tab.index,
+            "version": tab.version,
+            "live": tab.live,
+            "synced_ns": tab.synced_ns,
+            "sockname": list(sockname) if sockname else None,
+            **{k: None if v is None else v.decode() for k, v in text.items()},
+        }
 
     def _stats(self) -> Reply:
         return {

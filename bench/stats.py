@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -10,6 +10,7 @@ import numpy.typing as npt
 Ints = npt.NDArray[np.int64]
 Floats = npt.NDArray[np.float64]
 CDF_POINTS = 200
+LATE_MS = 250.0  # the crowd's target: events slower than this are looked at when they were
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Delivery:
     ack_latencies_ms: Floats  # from COMMIT returned to the writer (t1); sorted; after warm-up
     first_ns: int
     last_ns: int
+    # Of the events slower than LATE_MS: when their commit was, in seconds after warm-up.
+    late_at_s: Floats = field(default_factory=lambda: np.zeros(0))
 
     @property
     def lost(self) -> int:
@@ -136,7 +139,9 @@ def deliveries(
     measured = commits.t1[commit] >= start
     done = commits.t1[commit[measured]]
     midpoint = (commits.t0[commit[measured]] + done) / 2
-    latencies = np.sort((t[measured] - midpoint) / 1e6)
+    unsorted = (t[measured] - midpoint) / 1e6
+    late_at = np.sort((midpoint[unsorted > LATE_MS] - start) / 1e9)
+    latencies = np.sort(unsorted)
     ack_latencies = np.sort((t[measured] - done) / 1e6)
     first = int(commits.t0.min()) if commits.count else 0
     last = int(t.max()) if len(t) else first
@@ -150,6 +155,7 @@ def deliveries(
         ack_latencies_ms=ack_latencies,
         first_ns=first,
         last_ns=last,
+        late_at_s=late_at,
     )
 
 

@@ -931,3 +931,67 @@ async def test_an_owner_followed_during_the_first_subscribe_of_a_session_is_conf
         connecting.cancel()
         await source.close()
         await publisher.aclose()
+
+
+async def test_streams_opening_while_the_broker_session_is_cut_again_and_again_end_equal(
+    database_url: str, broker: Broker, db: asyncpg.Connection
+) -> None:
+    """A herd's streams arrive while the node's sessions at the broker come and go (each
+    cut the moment it is ready, its reconnect racing the streams' subscriptions), users
+    writing all along: every stream ends equal to the database, nothing lost."""
+    service = await start_service(database_url, broker_url=broker.url)
+    admin = aioredis.Redis.from_url(broker.url)
+    rng = random.Random(11)
+    users = [uuid.uuid4() for _ in range(10)]
+    writer = Writer(db, users, rng)
+    dispatcher = service.app[keys.DISPATCHER]
+    stop = asyncio.Event()
+    cuts = 0
+
+    async def cut_each_session() -> None:
+        nonlocal cuts
+        while not stop.is_set():
+            await dispatcher.ready.wait()
+            if stop.is_set():
+                return
+            cuts += await admin.client_kill_filter(_type="pubsub")
+            await wait_until(lambda: not dispatcher.ready.is_set() or stop.is_set())
+
+    async def write() -> None:
+        while not stop.is_set():
+            await writer.some(1)
+
+    async def opened(user: uuid.UUID) -> tuple[uuid.UUID, Watcher]:
+        response = await service.session.get(
+            service.url(EVENTS),
+            headers={"Authorization": f"Bearer {token_for(user)}"},
+            params={"snapshot": "1"},  # the page's rows first, then what changes
+        )
+        assert response.status == 200, await response.text()
+        watcher = Watcher(0, None, response, opened_at=0)
+        watcher.reader = asyncio.create_task(watcher.read())
+        await watcher.until(lambda: "synced" in watcher.names(), "no synced")
+        return user, watcher
+
+    watchers: list[tuple[uuid.UUID, Watcher]] = []
+    await writer.some(10)
+    background = [asyncio.ensure_future(cut_each_session()), asyncio.ensure_future(write())]
+    try:
+        for wave in range(4):  # waves of tabs (some of users streaming here), each in a gap
+            await wait_until(lambda: cuts > wave, 20)
+            watchers += await asyncio.gather(*map(opened, rng.sample(users, 4)))
+        stop.set()
+        await asyncio.gather(*background)
+        await asyncio.wait_for(dispatcher.ready.wait(), 20)
+        await writer.some(5)
+        for user, watcher in watchers:
+            await converged(watcher, db, user, f"after {cuts} sessions cut")
+            versions_never_go_back(watcher)
+    finally:
+        stop.set()
+        for task in background:
+            task.cancel()
+        for _, watcher in watchers:
+            await watcher.close()
+        await admin.aclose()
+        await stop_service(service)

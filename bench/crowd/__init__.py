@@ -265,6 +265,22 @@ def delivery(
         "p999_ms": pct(lat, 99.9),
         "max_ms": round(float(lat.max()), 1) if len(lat) else None,
         "service_cpu_pct": round(100 * cpu / wall, 1),
+        "late_windows": late_windows(got.late_at_s, s.heartbeat),
+    }
+
+
+def late_windows(late_at: np.ndarray, period: float) -> dict[str, Any]:
+    """When the events slower than the target were committed: the busiest half-seconds,
+    and how they fall within the heartbeat period (a round of heartbeats every `period`
+    seconds is the service's and the tabs' busiest moment)."""
+    if not len(late_at):
+        return {}
+    bins = np.bincount((late_at * 2).astype(np.int64))
+    busiest = np.argsort(bins)[::-1][:12]
+    phase = np.bincount(((late_at % period) / period * 10).astype(np.int64), minlength=10)
+    return {
+        "busiest": {f"{b / 2:.1f}": int(bins[b]) for b in sorted(busiest) if bins[b]},
+        "phase_tenths": [int(n) for n in phase[:10]],
     }
 
 

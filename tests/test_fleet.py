@@ -973,12 +973,15 @@ async def test_streams_opening_while_the_broker_session_is_cut_again_and_again_e
         await watcher.until(lambda: "synced" in watcher.names(), "no synced")
         return user, watcher
 
+    def more_cuts_than(count: int) -> Callable[[], bool]:
+        return lambda: cuts > count
+
     watchers: list[tuple[uuid.UUID, Watcher]] = []
     await writer.some(10)
     background = [asyncio.ensure_future(cut_each_session()), asyncio.ensure_future(write())]
     try:
         for wave in range(4):  # waves of tabs (some of users streaming here), each in a gap
-            await wait_until(lambda: cuts > wave, 20)
+            await wait_until(more_cuts_than(wave), 20)
             watchers += await asyncio.gather(*map(opened, rng.sample(users, 4)))
         stop.set()
         await asyncio.gather(*background)

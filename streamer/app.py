@@ -229,7 +229,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     await auth.start()
     hub = app[keys.HUB]
     tasks = app[keys.TASKS]  # stops them with the dispatcher, in _database's clean-up
-    tasks.start("heartbeats", lambda: _every(settings.heartbeat_seconds, hub.heartbeat))
+    beat_every = settings.heartbeat_seconds / len(hub.beats)  # a group's turn
+    tasks.start("heartbeats", lambda: _every(beat_every, hub.heartbeat))
     # Twice per write timeout: a stuck stream is cut within 1.5 timeouts.
     tasks.start("sweeps", lambda: _every(settings.write_timeout_seconds / 2, hub.sweep))
     feeds, reads = app[keys.FEEDS], app[keys.READS]

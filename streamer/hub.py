@@ -57,6 +57,7 @@ class Hub(Registry):
         # The last recovery's snapshot and the streams it caught up: a change that snapshot
         # saw is already in those streams, but not in streams opened since.
         self._caught_up: tuple[Snapshot, frozenset[Key]] = (NOTHING, frozenset())
+        self._turn = 0  # the heartbeat group whose turn is next
 
     @property
     def cursor(self) -> str:
@@ -213,11 +214,14 @@ class Hub(Registry):
     # -- heartbeats and stuck writers -----------------------------------------------
 
     async def heartbeat(self) -> None:
-        """Every stream's heartbeat, HEARTBEAT_SLICE streams at a time, the loop running
-        whatever else is ready in between: 16,000 streams in one pass (18 µs each) would
-        hold an event that arrives meanwhile for 300 ms."""
+        """The heartbeats of the next group of streams (the groups take turns, one each
+        1/BEAT_GROUPS of the period: every stream gets one a period, and the period's work
+        is spread over it), HEARTBEAT_SLICE streams at a time, the loop running whatever
+        else is ready in between: thousands of streams in one pass (18 µs each) would hold
+        an event that arrives meanwhile for hundreds of ms."""
+        group, self._turn = self.beats[self._turn], (self._turn + 1) % len(self.beats)
         beat = envelope(frame(HeartbeatEvent(timestamp=now())))
-        subs = list(self.subscribers())
+        subs = list(group)
         for start in range(0, len(subs), HEARTBEAT_SLICE):
             if start:
                 await asyncio.sleep(0)

@@ -19,6 +19,11 @@ from streamer.views import PLAIN, View
 
 log = logging.getLogger(__name__)
 
+# Streams get their heartbeats in this many groups, one group each 1/BEAT_GROUPS of the
+# period: a round over every stream at once is the busiest moment of a process and of its
+# clients (and of a proxy between them), and an event that arrives then waits behind it.
+BEAT_GROUPS = 10
+
 
 class Interest(Protocol):
     """What a source is told of the streams here: a fleet's node receives only the changes
@@ -65,6 +70,8 @@ class Registry:
         self._following: dict[Key, asyncio.Future[None]] = {}
         self._by_key: dict[Key, set[Subscriber]] = {}
         self._per_user: dict[str, int] = {}
+        # Every stream, in the heartbeat group it joined (the smallest then), for its life.
+        self.beats: list[set[Subscriber]] = [set() for _ in range(BEAT_GROUPS)]
         self.count = 0
         self.stopping = False
         self.refusing: str | None = None  # why new streams get 503 (see refuse)
@@ -165,6 +172,8 @@ class Registry:
                 if following is not None:
                     self._following[key] = asyncio.ensure_future(following)
             subs.add(sub)
+        sub.beat = min(range(BEAT_GROUPS), key=lambda group: len(self.beats[group]))
+        self.beats[sub.beat].add(sub)
         self._per_user[user] = self._per_user.get(user, 0) + 1
         self.count += 1
         self.metrics.streams_open.inc()
@@ -183,6 +192,7 @@ class Registry:
                 following = self._following.pop(key, None)
                 if following is not None and not following.done():
                     following.cancel()
+        self.beats[sub.beat].discard(sub)
         left = self._per_user[sub.user] - 1
         if left:
             self._per_user[sub.user] = left

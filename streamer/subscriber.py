@@ -87,6 +87,7 @@ class Subscriber:
         "_seen",
         "_sink",
         "backlog_since",
+        "beat",
         "closed",
         "dropped",
         "ended",
@@ -124,6 +125,7 @@ class Subscriber:
         self.closed: Ended | None = None
         self.dropped = 0  # envelopes left undelivered when it was cut
         self.backlog_since: float | None = None  # when its connection last had unsent bytes
+        self.beat = 0  # its heartbeat group (the registry's)
         self.ended: asyncio.Future[Ended] = asyncio.get_running_loop().create_future()
         self.expiry: asyncio.TimerHandle | None = None  # its token's expiry (the registry's)
 

@@ -11,6 +11,10 @@ import pytest
 
 from streamer import hub as hub_module
 from streamer import keys
+from streamer import registry as registry_module
+from streamer.feeds import FILES
+from streamer.hub import Hub
+from streamer.metrics import Metrics
 from streamer.subscriber import Envelope, Subscriber
 from tests.client import open_stream
 from tests.conftest import SOURCE, Service, insert_file, start_service, stop_service, token_for
@@ -255,6 +259,7 @@ async def test_a_heartbeat_round_lets_the_loop_run_between_slices(
 ) -> None:
     """Thousands of streams' heartbeats are written a slice at a time: an event that
     arrives during the round waits for one slice, not for the whole round."""
+    monkeypatch.setattr(registry_module, "BEAT_GROUPS", 1)  # every stream in one group
     service = await start_service(database_url, heartbeat_seconds=3600)
     try:
         users = [uuid.uuid4() for _ in range(3)]
@@ -277,3 +282,35 @@ async def test_a_heartbeat_round_lets_the_loop_run_between_slices(
             assert order == ["heartbeat", "other", "heartbeat", "heartbeat"]
     finally:
         await stop_service(service)
+
+
+async def test_heartbeats_are_spread_over_the_period_each_stream_once_a_period(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The streams are in BEAT_GROUPS groups of (nearly) one size, kept so as streams
+    come and go; each turn beats one group, and the groups take turns: every stream gets
+    one heartbeat a period, a tenth of them at a time."""
+    hub = Hub(Metrics(), max_streams_per_owner=5, max_streams=1000, queue_limit=10,
+              write_timeout=1)  # fmt: skip
+    subs = [hub.subscribe(FILES, str(uuid.uuid4()), f"user {i}") for i in range(95)]
+    for sub in subs[::3]:
+        hub.release(sub)  # a third leave...
+    subs = [sub for i, sub in enumerate(subs) if i % 3]
+    subs += [hub.subscribe(FILES, str(uuid.uuid4()), f"new {i}") for i in range(17)]
+    sizes = sorted(len(group) for group in hub.beats)
+    assert sum(sizes) == len(subs) == hub.count
+    assert sizes[-1] - sizes[0] <= 4, sizes  # ...and newcomers fill the smallest groups
+    beats: dict[Subscriber, int] = {}
+
+    def push(sub: Subscriber, envelope: Envelope) -> bool:
+        beats[sub] = beats.get(sub, 0) + 1
+        return True
+
+    monkeypatch.setattr(Subscriber, "push", push)
+    turns = []
+    for _ in range(registry_module.BEAT_GROUPS):
+        before = sum(beats.values())
+        await hub.heartbeat()
+        turns.append(sum(beats.values()) - before)
+    assert sorted(beats.values()) == [1] * len(subs)  # each stream once in the period
+    assert max(turns) <= len(subs) // registry_module.BEAT_GROUPS + 4, turns

@@ -35,6 +35,7 @@ from bench.crowd.tabs import CrowdSpec, crowd_main
 from bench.fleet import broker
 from bench.harness import SECRET, Postgres, sampling
 from bench.load import STREAM_PATH, TOKEN_TTL, Context, Population, Writer, plan
+from bench.procfs import cpu_seconds
 from bench.stats import deliveries
 from streamer.auth import mint_token
 from streamer.embedded import _free_port
@@ -284,6 +285,15 @@ def late_windows(late_at: np.ndarray, period: float) -> dict[str, Any]:
     }
 
 
+def _cpu_of(remotes: list[Remote]) -> float:
+    """CPU seconds the load generator's processes used so far."""
+    total = 0.0
+    for remote in remotes:
+        if remote.process.pid is not None:
+            total += cpu_seconds(remote.process.pid)
+    return total
+
+
 def _resynced(remotes: list[Remote], killed: int, s: Settings) -> list[int]:
     """When each tab synced again after the kill, once all have or the herd timed out. A
     client process busy with its tabs' reconnects may answer late: it is waited for."""
@@ -310,6 +320,7 @@ def herd(
     old = frozenset(service.pids())
     metrics_before = service.metrics()
     killed = now_ns()
+    clients_cpu = _cpu_of(remotes)
     with sampling(ctx.pg, None, "bench-service", every=0.25) as peak:
         service.kill()
         restart_error = None
@@ -317,6 +328,11 @@ def herd(
             restart_s: float | None = service.start(timeout=s.herd_timeout)
         except RuntimeError as exc:  # not every worker listening and ready: measured anyway
             restart_s, restart_error = None, str(exc).splitlines()[0]
+        # Who had the cores while the service started again (its processes are new).
+        restart_cpu = {
+            "service_s": round(service.cpu(), 1),
+            "clients_s": round(_cpu_of(remotes) - clients_cpu, 1),
+        }
         synced = _resynced(remotes, killed, s)
         resynced = np.array(synced, dtype=np.int64)
         time.sleep(2)
@@ -329,6 +345,7 @@ def herd(
     return {
         "restart_s": None if restart_s is None else round(restart_s, 2),
         "restart_error": restart_error,
+        "restart_cpu": restart_cpu,
         "errors": service.errors(),  # what the restarted service logged
         "listen_s": service.listen_times,  # each worker's, into the restart
         "sockets": service.sockets(),  # of each process, once all are back

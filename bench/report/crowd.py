@@ -91,12 +91,16 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"round ({beats['us_per_stream']} µs per stream) |",
         f"| delivery at {d['commit_rate']:.0f} commits/s | p50 {ms(d['p50_ms'])} ms, p99 "
         f"{ms(d['p99_ms'])} ms, p99.9 {ms(d['p999_ms'])} ms, max {ms(d['max_ms'])} ms; "
-        f"{d['lost']} lost of {n(d['expected'])}; service CPU {d['service_cpu_pct']}% |",
+        f"{d['lost']} lost of {n(d['expected'])}; service CPU {d['service_cpu_pct']}%; "
+        f"of the events over 250 ms, by tenth of the heartbeat period their commit fell in: "
+        f"{(d.get('late_windows') or {}).get('phase_tenths', 'none')} |",
         f"| sockets per process, after opening | {', '.join(map(str, o.get('sockets', [])))} "
         f"(workers listening at {o.get('listen_s')} s into the start) |",
         f"| restart after SIGKILL | listening and ready again in {n(h['restart_s'], 1)} s "
         f"({h.get('restart_error') or 'ready'}; each worker listening at "
-        f"{h.get('listen_s')} s); sockets per process after: "
+        f"{h.get('listen_s')} s; meanwhile the service used "
+        f"{h.get('restart_cpu', {}).get('service_s')} CPU-s, the tabs' processes "
+        f"{h.get('restart_cpu', {}).get('clients_s')}); sockets per process after: "
         f"{', '.join(map(str, h.get('sockets', [])))}; "
         f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
         f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill |",
@@ -105,6 +109,7 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"({n(h.get('stale_at_first'))} behind 3 s after the last commit, "
         f"{h.get('converged_s')} s before they agreed or were given up on); "
         f"{n(h['commits'])} commits meanwhile |",
+        f"| ... the tabs behind | {_behind(h.get('behind') or {})} |",
         f"| ... reconnects | {n(h['reconnects'])} attempts; refused: {herd_refused} |",
         f"| ... the restarted service logged | "
         f"{'; '.join(f'{v:,} x `{e}`' for e, v in h.get('errors', {}).items()) or 'no error'} |",
@@ -114,3 +119,13 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"connections of the service at most {h['pg_connections_peak']} |",
         "",
     ]
+
+
+def _behind(behind: dict[str, Any]) -> str:
+    """What the tabs still behind the database lack, and which workers hold them."""
+    if not behind:
+        return "none"
+    kinds = "; ".join(f"{v:,} {k}" for k, v in behind.get("kinds", {}).items())
+    workers = ", ".join(f"{v:,}" for v in sorted(behind.get("by_worker", {}).values()))
+    both = behind.get("users_with_both_tabs_behind")
+    return f"{kinds}; held by workers {workers}; {both} users with both tabs behind"

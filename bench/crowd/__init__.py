@@ -347,6 +347,7 @@ def herd(
         "restart_error": restart_error,
         "restart_cpu": restart_cpu,
         "errors": service.errors(),  # what the restarted service logged
+        "logged": service.logged(),
         "listen_s": service.listen_times,  # each worker's, into the restart
         "sockets": service.sockets(),  # of each process, once all are back
         "resynced": len(resynced),

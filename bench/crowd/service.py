@@ -17,12 +17,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from bench.harness import REPO, SECRET, Postgres, ServerProcess
 from bench.procfs import cpu_seconds, pss_bytes, rss_bytes
 
 PROBE = Path(__file__).parent / "probe"
 _EXCEPTION = re.compile(r"^[\w.]+(Error|Exception|Exit): .*")
+_LOGGED = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ([\w.]+)\[\d+\]: (.*)$")
 
 
 def _tree(pid: int) -> list[int]:
@@ -103,6 +105,24 @@ class Service:
             if match:
                 found[match.group(0)[:160]] = found.get(match.group(0)[:160], 0) + 1
         return found
+
+    def logged(self) -> dict[str, Any]:
+        """What the service logged so far at warning and above, by message (its numbers
+        left out), and the first traceback of each exception."""
+        if self.server is None:
+            return {}
+        lines = self.server.log_tail(2_000_000).splitlines()
+        messages: dict[str, int] = {}
+        tracebacks: dict[str, str] = {}
+        for i, line in enumerate(lines):
+            match = _LOGGED.match(line)
+            if match:
+                text = re.sub(r"\d+", "N", f"{match[1]} {match[2]}: {match[3]}")[:160]
+                messages[text] = messages.get(text, 0) + 1
+            elif _EXCEPTION.match(line) and line[:160] not in tracebacks:
+                start = max(0, i - 40)
+                tracebacks[line[:160]] = "\n".join(lines[start : i + 1])
+        return {"messages": messages, "tracebacks": tracebacks}
 
     def sockets(self) -> list[int]:
         """Open sockets of each process of the service (its streams, give or take a few)."""

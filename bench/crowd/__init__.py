@@ -334,6 +334,9 @@ def herd(
             "clients_s": round(_cpu_of(remotes) - clients_cpu, 1),
         }
         synced = _resynced(remotes, killed, s)
+        # And until every tab was back (within the second _resynced polls at).
+        restart_cpu["service_to_all_back_s"] = round(service.cpu(), 1)
+        restart_cpu["clients_to_all_back_s"] = round(_cpu_of(remotes) - clients_cpu, 1)
         resynced = np.array(synced, dtype=np.int64)
         time.sleep(2)
     commits = writer.finish(now=True)

@@ -103,7 +103,9 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"{h.get('restart_cpu', {}).get('clients_s')}); sockets per process after: "
         f"{', '.join(map(str, h.get('sockets', [])))}; "
         f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
-        f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill |",
+        f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill; to then the "
+        f"service used {h.get('restart_cpu', {}).get('service_to_all_back_s')} CPU-s, the tabs' "
+        f"processes {h.get('restart_cpu', {}).get('clients_to_all_back_s')} |",
         f"| ... state at the end | {h['stale']} tabs older than the database "
         f"({n(h.get('stale_live'))} of them live), {h['ahead']} ahead "
         f"({n(h.get('stale_at_first'))} behind 3 s after the last commit, "

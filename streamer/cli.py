@@ -155,7 +155,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_broker(settings)
         if database.embedded is not None:
             _print_welcome(settings, database.dsn)
-        # A partial of a module-level function: a spawned worker can be handed it.
+        # A partial of a module-level function: it is pickled to every worker.
         make_app = partial(create_app, settings, database.dsn, database.listen_dsn)
         if settings.workers > 1:
             return serve_workers(settings, make_app)

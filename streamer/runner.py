@@ -32,7 +32,7 @@ SHUTDOWN_SECONDS = 1.0  # open streams are ended on shutdown; do not wait on the
 LISTENER_START_SECONDS = 30.0
 
 # Makes the app in the process that serves it (a worker's, under --workers): a module-level
-# function or a functools.partial of one, so that it can be handed to a spawned process.
+# function or a functools.partial of one, so that it can be handed to a worker (pickled).
 AppFactory = Callable[[], web.Application]
 
 

@@ -45,6 +45,8 @@ class Out(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    async def flush(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Asked:
@@ -147,6 +149,7 @@ async def start(
             await out.open()
         synced_at = seen.cursor if seen is not NOTHING else hub.cursor
         await out.write(frame(SyncedEvent(timestamp=now()), asked.view.cursor(synced_at)))
+        await out.flush()  # all of it, before the hub writes into the connection
         backlog = hub.buffer_limit // 2
         sub.go_live(Sink(live.transport, live.chunked, live.drain, backlog=backlog), seen, held)
         return sub

@@ -85,6 +85,9 @@ class Live(asyncio.Protocol):
     async def open(self) -> None:
         return None
 
+    async def flush(self) -> None:
+        return None  # what it writes goes out at once
+
     async def write(self, data: bytes) -> None:
         """Write and wait until the client took it, within the write timeout (else the
         connection is cut, and the client resumes from its cursor)."""

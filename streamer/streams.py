@@ -41,6 +41,7 @@ SSE_HEADERS = {
 }
 _VIEW_KEY = re.compile(rf"\.[0-9a-f]{{{KEY_LENGTH}}}")
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+HOLD_BYTES = 64 * 1024  # what a stream's set-up holds before it writes (see Opening)
 
 
 def _shown(value: str) -> str:
@@ -106,15 +107,23 @@ async def _caller(request: web.Request) -> tuple[Principal, Feed, tuple[str, ...
     return principal, feed, claims.owners(principal, feed)
 
 
-async def _open(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+class EventStream(web.StreamResponse):
+    """An SSE response whose headers go out with its first bytes (the `retry:` and what
+    follows it), in one send, not in a send of their own: a returning crowd's 100,000
+    set-ups spent a sixth of their time in sends."""
+
+    _send_headers_immediately = False  # aiohttp's, as web.Response has it
+
+
+async def _open(request: web.Request) -> tuple[web.StreamResponse, bytes]:
+    """The response, begun (its headers not sent yet), and the `retry:` to write first."""
+    response = EventStream(status=200, headers=SSE_HEADERS)
     if request.version >= HttpVersion11:
         response.enable_chunked_encoding()  # the sink writes whole chunks itself
     await response.prepare(request)
     # Spread: clients that lost their streams at once (a restart) come back spread out.
     retry = request.app[keys.SETTINGS].retry_ms * random.uniform(0.5, 1.5)
-    await response.write(retry_frame(round(retry)))
-    return response
+    return response, retry_frame(round(retry))
 
 
 async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
@@ -134,13 +143,17 @@ async def _live(request: web.Request, sub: Subscriber, seen: Snapshot) -> Ended:
 
 class Opening:
     """Where a stream's set-up writes while aiohttp serves it: the response, begun once the
-    first read is in (a database that cannot be read is a 503 then, not a broken stream)."""
+    first read is in (a database that cannot be read is a 503 then, not a broken stream).
+    What is written is held until HOLD_BYTES of it or `flush`: a small catch-up goes out
+    with the headers, the `retry:` and `synced` in one send."""
 
-    __slots__ = ("_request", "response")
+    __slots__ = ("_held", "_request", "_size", "response")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self.response: web.StreamResponse | None = None
+        self._held: list[bytes] = []
+        self._size = 0
 
     @property
     def opened(self) -> bool:
@@ -148,14 +161,26 @@ class Opening:
 
     async def open(self) -> None:
         if self.response is None:
-            self.response = await _open(self._request)
+            self.response, retry = await _open(self._request)
+            self._hold(retry)
 
     async def write(self, data: bytes) -> None:
-        """Write and wait until the client took it, within the write timeout: a client that
-        stops reading during a catch-up is cut (it resumes from its cursor)."""
-        request = self._request
         await self.open()
-        assert self.response is not None
+        self._hold(data)
+        if self._size >= HOLD_BYTES:
+            await self.flush()
+
+    def _hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self._size += len(data)
+
+    async def flush(self) -> None:
+        """Write what is held and wait until the client took it, within the write timeout:
+        a client that stops reading during a catch-up is cut (it resumes from its cursor)."""
+        request = self._request
+        if self.response is None or not self._held:
+            return
+        data, self._held, self._size = b"".join(self._held), [], 0
         try:
             async with asyncio.timeout(request.app[keys.SETTINGS].write_timeout_seconds):
                 await self.response.write(data)
@@ -198,7 +223,11 @@ async def feed_events(request: web.Request) -> web.StreamResponse:
     try:
         sub = await start(app, asked, out, live, since, reset=reset, snapshot=snapshot)
     except ConnectionResetError:
-        return web.Response()  # the client left during set-up: nothing to answer
+        # The client left, stopped reading, or the database went away in the middle of
+        # its catch-up: the connection is cut, and its client resumes from its cursor. Never
+        # a response of another kind after this one began (its headers may still be held).
+        transport.abort()
+        return web.Response()
     assert out.response is not None
     live.take(request, out.response)
     live.attach(sub)
@@ -231,8 +260,8 @@ async def row_events(request: web.Request) -> web.StreamResponse:
             # stops reconnecting instead of asking again every `retry:`.
             return web.Response(status=204)
         try:
-            response = await _open(request)
-            await response.write(update_frame(feed, row, seen.cursor))
+            response, retry = await _open(request)
+            await response.write(retry + update_frame(feed, row, seen.cursor))
             if not row.terminal:
                 await _live(request, sub, seen)
         except ConnectionResetError:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import pytest
 
 from streamer import keys
+from streamer.changes import CatchUp
+from streamer.reading import Reading
+from streamer.views import KEY_LENGTH
 from tests.client import Event, open_stream
 from tests.conftest import Service, insert_file, start_service, stop_service, token_for, wait_until
 
@@ -350,3 +355,33 @@ async def test_a_snapshot_has_no_gap_or_reordering_against_updates_committed_mea
         (str(file_id), 4),
         (str(file_id), 100),
     ]
+
+
+async def test_a_catch_up_the_database_breaks_off_in_the_middle_cuts_the_connection(
+    service: Service, db, user, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database lost while a stream's catch-up is read (after its response began): the
+    connection is cut, which an EventSource answers by coming back with its cursor; never a
+    complete, empty 200 response, which would end it for good."""
+    for name in ("a.pdf", "b.pdf"):
+        await insert_file(db, user, name)
+    plain = Reading.batches
+
+    async def broken(self: Reading) -> AsyncIterator[CatchUp]:
+        async for part in plain(self):
+            yield part
+            break
+        raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+
+    monkeypatch.setattr(Reading, "batches", broken)
+    # A cursor of another view: this stream starts over, reading alone (reading.py).
+    headers = {
+        "Last-Event-ID": "1." + "0" * KEY_LENGTH,
+        "Authorization": f"Bearer {token_for(user)}",
+    }
+    with pytest.raises(aiohttp.ClientError):
+        async with service.session.get(service.url(EVENTS), headers=headers) as response:
+            await response.read()
+    monkeypatch.setattr(Reading, "batches", plain)
+    async with resume(service, user, "1." + "0" * KEY_LENGTH) as stream:  # and it comes back
+        assert stream.response.status == 200

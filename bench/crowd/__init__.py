@@ -330,6 +330,7 @@ def herd(
             restart_s, restart_error = None, str(exc).splitlines()[0]
         # Who had the cores while the service started again (its processes are new).
         restart_cpu = {
+            "service_to_listen_s": round(service.listen_cpu, 1),
             "service_s": round(service.cpu(), 1),
             "clients_s": round(_cpu_of(remotes) - clients_cpu, 1),
         }

@@ -98,7 +98,8 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"(workers listening at {o.get('listen_s')} s into the start) |",
         f"| restart after SIGKILL | listening and ready again in {n(h['restart_s'], 1)} s "
         f"({h.get('restart_error') or 'ready'}; each worker listening at "
-        f"{h.get('listen_s')} s; meanwhile the service used "
+        f"{h.get('listen_s')} s, having used "
+        f"{h.get('restart_cpu', {}).get('service_to_listen_s')} CPU-s; to ready the service used "
         f"{h.get('restart_cpu', {}).get('service_s')} CPU-s, the tabs' processes "
         f"{h.get('restart_cpu', {}).get('clients_s')}); sockets per process after: "
         f"{', '.join(map(str, h.get('sockets', [])))}; "

@@ -27,29 +27,15 @@ import asyncpg
 import numpy as np
 
 from bench.agent import Reply, now_ns, serve
+from bench.chrome import eventsource_headers
 from streamer.sse import Parser
 
 MARK = "bench:"
 CHANNEL = "streamer"
 OPEN_TIMEOUT = 60.0
 # What Chrome sends with an EventSource request (same origin, no cookie): the service
-# keeps a stream's request headers for as long as the stream lives, so they count.
-BROWSER_HEADERS = (
-    "Connection: keep-alive\r\n"
-    'sec-ch-ua-platform: "Linux"\r\n'
-    "Cache-Control: no-cache\r\n"
-    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/131.0.0.0 Safari/537.36\r\n"
-    "Accept: text/event-stream\r\n"
-    'sec-ch-ua: "Google Chrome";v="131", "Chromium";v="131", "Not_A Brand";v="24"\r\n'
-    "sec-ch-ua-mobile: ?0\r\n"
-    "Sec-Fetch-Site: same-origin\r\n"
-    "Sec-Fetch-Mode: cors\r\n"
-    "Sec-Fetch-Dest: empty\r\n"
-    "Referer: http://127.0.0.1/files\r\n"
-    "Accept-Encoding: gzip, deflate, br, zstd\r\n"
-    "Accept-Language: en-GB,en;q=0.9\r\n"
-)
+# keeps a stream's request headers until it is live, so they count.
+BROWSER_HEADERS = eventsource_headers(referer="http://127.0.0.1/files", site="same-origin")
 _CODE = re.compile(rb'"code":\s*"([A-Z_]+)"')
 
 

@@ -169,3 +169,18 @@ def added(arrivals: Arrivals, floor: Arrivals) -> Floats:
     known = keys[pos] == arrivals.key
     floor_t = floor.t[first[pos[known]]]
     return np.sort((arrivals.t[known] - floor_t) / 1e6)
+
+
+def late_windows(late_at: Floats, period: float) -> dict[str, object]:
+    """When the events slower than the target were committed: the busiest half-seconds,
+    and how they fall within the heartbeat period (a round of heartbeats every `period`
+    seconds is the service's and the tabs' busiest moment)."""
+    if not len(late_at):
+        return {}
+    bins = np.bincount((late_at * 2).astype(np.int64))
+    busiest = np.argsort(bins)[::-1][:12]
+    phase = np.bincount(((late_at % period) / period * 10).astype(np.int64), minlength=10)
+    return {
+        "busiest": {f"{b / 2:.1f}": int(bins[b]) for b in sorted(busiest) if bins[b]},
+        "phase_tenths": [int(n) for n in phase[:10]],
+    }

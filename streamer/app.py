@@ -210,14 +210,30 @@ async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
         await asyncio.sleep(PRUNE_EVERY)
 
 
-async def _every(seconds: float, step: Callable[[], Awaitable[None] | None]) -> None:
-    """`step` every `seconds`, on a fixed cadence: a step that takes a while (a heartbeat
-    round over thousands of streams) does not push the next one later."""
-    loop = asyncio.get_running_loop()
-    due = loop.time()
+CATCH_UP_STEPS = 10  # steps of `every` run back to back after a hold-up, at most
+
+
+async def every(
+    seconds: float,
+    step: Callable[[], Awaitable[None] | None],
+    *,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """`step` every `seconds`, on a fixed cadence: a step that takes a while (a group's
+    heartbeats), or a loop held up a moment (a full garbage collection), does not push
+    every later one later; the steps missed run at once. Held up for more than
+    CATCH_UP_STEPS of them (a machine suspended), the cadence starts again from now.
+    (`clock` and `sleep`: the loop's, but for tests.)"""
+    now = clock or asyncio.get_running_loop().time
+    due = now()
     while True:
-        due = max(due + seconds, loop.time())  # a round that overran: the next at once
-        await asyncio.sleep(due - loop.time())
+        due += seconds
+        late = now() - due
+        if late > CATCH_UP_STEPS * seconds:
+            due = now()
+        elif late < 0:
+            await sleep(-late)
         done = step()
         if done is not None:
             await done
@@ -230,9 +246,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     hub = app[keys.HUB]
     tasks = app[keys.TASKS]  # stops them with the dispatcher, in _database's clean-up
     beat_every = settings.heartbeat_seconds / len(hub.beats)  # a group's turn
-    tasks.start("heartbeats", lambda: _every(beat_every, hub.heartbeat))
+    tasks.start("heartbeats", lambda: every(beat_every, hub.heartbeat))
     # Twice per write timeout: a stuck stream is cut within 1.5 timeouts.
-    tasks.start("sweeps", lambda: _every(settings.write_timeout_seconds / 2, hub.sweep))
+    tasks.start("sweeps", lambda: every(settings.write_timeout_seconds / 2, hub.sweep))
     feeds, reads = app[keys.FEEDS], app[keys.READS]
     keep = settings.tombstone_retention_hours
     tasks.start("pruning", lambda: _prune_forever(reads, feeds, keep))

@@ -9,11 +9,15 @@ import psycopg2
 
 # A database or its change connection out of reach, whichever driver met it (psycopg2: the
 # WAL's replication connection; a fleet's broker turns its errors into ConnectionError,
-# streamer/sources/broker.py): retried, or answered 503, never a bug.
+# streamer/sources/broker.py): retried, or answered 503, never a bug. asyncpg's
+# InternalClientError is what its next query on a connection meets after Postgres ended the
+# session unasked (idle_session_timeout: the fleet's election, on a loop held up past it):
+# "cannot switch to state 12; another operation (2) is in progress".
 CONNECTION_ERRORS = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     TimeoutError,
     psycopg2.Error,
 )

@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 
 from bench.agent import Remote, call_all, now_ns
+from bench.crowd.restart import restarted, resynced_since, to_all_back
 from bench.crowd.service import Service, kernel_limits, tcp_counters
 from bench.crowd.state import settled
 from bench.crowd.tabs import CrowdSpec, crowd_main
 from bench.fleet import broker
 from bench.harness import SECRET, Postgres, sampling
 from bench.load import STREAM_PATH, TOKEN_TTL, Context, Population, Writer, plan
-from bench.procfs import cpu_seconds
-from bench.stats import deliveries
+from bench.stats import deliveries, late_windows
 from streamer.auth import mint_token
 from streamer.embedded import _free_port
 
@@ -270,42 +270,6 @@ def delivery(
     }
 
 
-def late_windows(late_at: np.ndarray, period: float) -> dict[str, Any]:
-    """When the events slower than the target were committed: the busiest half-seconds,
-    and how they fall within the heartbeat period (a round of heartbeats every `period`
-    seconds is the service's and the tabs' busiest moment)."""
-    if not len(late_at):
-        return {}
-    bins = np.bincount((late_at * 2).astype(np.int64))
-    busiest = np.argsort(bins)[::-1][:12]
-    phase = np.bincount(((late_at % period) / period * 10).astype(np.int64), minlength=10)
-    return {
-        "busiest": {f"{b / 2:.1f}": int(bins[b]) for b in sorted(busiest) if bins[b]},
-        "phase_tenths": [int(n) for n in phase[:10]],
-    }
-
-
-def _cpu_of(remotes: list[Remote]) -> float:
-    """CPU seconds the load generator's processes used so far."""
-    total = 0.0
-    for remote in remotes:
-        if remote.process.pid is not None:
-            total += cpu_seconds(remote.process.pid)
-    return total
-
-
-def _resynced(remotes: list[Remote], killed: int, s: Settings) -> list[int]:
-    """When each tab synced again after the kill, once all have or the herd timed out. A
-    client process busy with its tabs' reconnects may answer late: it is waited for."""
-    deadline = time.monotonic() + s.herd_timeout
-    while True:
-        replies = call_all(remotes, "synced_since", timeout=s.herd_timeout, t=killed)
-        synced = [t for r in replies for t in r["synced"]]
-        if len(synced) >= s.streams or time.monotonic() >= deadline:
-            return synced
-        time.sleep(1)
-
-
 def herd(
     ctx: Context,
     s: Settings,
@@ -320,24 +284,10 @@ def herd(
     old = frozenset(service.pids())
     metrics_before = service.metrics()
     killed = now_ns()
-    clients_cpu = _cpu_of(remotes)
     with sampling(ctx.pg, None, "bench-service", every=0.25) as peak:
-        service.kill()
-        restart_error = None
-        try:
-            restart_s: float | None = service.start(timeout=s.herd_timeout)
-        except RuntimeError as exc:  # not every worker listening and ready: measured anyway
-            restart_s, restart_error = None, str(exc).splitlines()[0]
-        # Who had the cores while the service started again (its processes are new).
-        restart_cpu = {
-            "service_to_listen_s": round(service.listen_cpu, 1),
-            "service_s": round(service.cpu(), 1),
-            "clients_s": round(_cpu_of(remotes) - clients_cpu, 1),
-        }
-        synced = _resynced(remotes, killed, s)
-        # And until every tab was back (within the second _resynced polls at).
-        restart_cpu["service_to_all_back_s"] = round(service.cpu(), 1)
-        restart_cpu["clients_to_all_back_s"] = round(_cpu_of(remotes) - clients_cpu, 1)
+        restart_s, restart_error, restart_cpu = restarted(service, remotes, s.herd_timeout)
+        synced = resynced_since(remotes, killed, s.streams, s.herd_timeout)
+        restart_cpu.update(to_all_back(service, remotes, restart_cpu))
         resynced = np.array(synced, dtype=np.int64)
         time.sleep(2)
     commits = writer.finish(now=True)

@@ -24,28 +24,17 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from bench.agent import Reply, now_ns, serve
+from bench.chrome import eventsource_headers
 from bench.clients import MARK, Recorder, commit_key
 
 OPEN_TIMEOUT = 120.0  # SYNs dropped by a full backlog are retried after 1, 3, 7 s...
 DEFAULT_RETRY_MS = 3000  # EventSource's own, until the server sends `retry:`
 # Chrome's request for `new EventSource(url, {withCredentials: true})` from a page of a
 # sibling origin: the cookie carries the token (EventSource cannot set Authorization).
-HEADERS = (
-    "Connection: keep-alive\r\n"
-    'sec-ch-ua-platform: "Linux"\r\n'
-    "Cache-Control: no-cache\r\n"
-    "User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/131.0.0.0 Safari/537.36\r\n"
-    "Accept: text/event-stream\r\n"
-    'sec-ch-ua: "Google Chrome";v="131", "Chromium";v="131", "Not_A Brand";v="24"\r\n'
-    "sec-ch-ua-mobile: ?0\r\n"
-    "Origin: http://app.127.0.0.1.nip.io:5173\r\n"
-    "Sec-Fetch-Site: same-site\r\n"
-    "Sec-Fetch-Mode: cors\r\n"
-    "Sec-Fetch-Dest: empty\r\n"
-    "Referer: http://app.127.0.0.1.nip.io:5173/files\r\n"
-    "Accept-Encoding: gzip, deflate, br, zstd\r\n"
-    "Accept-Language: en-GB,en;q=0.9\r\n"
+HEADERS = eventsource_headers(
+    referer="http://app.127.0.0.1.nip.io:5173/files",
+    site="same-site",
+    origin="http://app.127.0.0.1.nip.io:5173",
 )
 VERSION = b'"version":'
 

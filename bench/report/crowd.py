@@ -56,9 +56,8 @@ def targets(crowd: dict[str, Any] | None) -> list[Row]:
 
 def section(crowd: dict[str, Any]) -> list[str]:
     s, o, m, d, h = (crowd[k] for k in ("settings", "open", "memory", "delivery", "herd"))
-    b, k, beats, pool = crowd["baseline"], crowd["kernel"], crowd["heartbeats"], h["pool"]
+    b, k, beats = crowd["baseline"], crowd["kernel"], crowd["heartbeats"]
     refused = ", ".join(f"{v:,} {e}" for e, v in o["refused"].items()) or "none"
-    herd_refused = ", ".join(f"{v:,} {e}" for e, v in h["refused"].items()) or "none"
     backlog = ", ".join(f"{name} {v:,}" for name, v in o["kernel"].items() if v) or "none"
     return [
         "## A crowd: one machine, many tabs",
@@ -96,30 +95,7 @@ def section(crowd: dict[str, Any]) -> list[str]:
         f"{(d.get('late_windows') or {}).get('phase_tenths', 'none')} |",
         f"| sockets per process, after opening | {', '.join(map(str, o.get('sockets', [])))} "
         f"(workers listening at {o.get('listen_s')} s into the start) |",
-        f"| restart after SIGKILL | listening and ready again in {n(h['restart_s'], 1)} s "
-        f"({h.get('restart_error') or 'ready'}; each worker listening at "
-        f"{h.get('listen_s')} s, having used "
-        f"{h.get('restart_cpu', {}).get('service_to_listen_s')} CPU-s; to ready the service used "
-        f"{h.get('restart_cpu', {}).get('service_s')} CPU-s, the tabs' processes "
-        f"{h.get('restart_cpu', {}).get('clients_s')}); sockets per process after: "
-        f"{', '.join(map(str, h.get('sockets', [])))}; "
-        f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
-        f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill; to then the "
-        f"service used {h.get('restart_cpu', {}).get('service_to_all_back_s')} CPU-s, the tabs' "
-        f"processes {h.get('restart_cpu', {}).get('clients_to_all_back_s')} |",
-        f"| ... state at the end | {h['stale']} tabs older than the database "
-        f"({n(h.get('stale_live'))} of them live), {h['ahead']} ahead "
-        f"({n(h.get('stale_at_first'))} behind 3 s after the last commit, "
-        f"{h.get('converged_s')} s before they agreed or were given up on); "
-        f"{n(h['commits'])} commits meanwhile |",
-        f"| ... the tabs behind | {_behind(h.get('behind') or {})} |",
-        f"| ... reconnects | {n(h['reconnects'])} attempts; refused: {herd_refused} |",
-        f"| ... the restarted service logged | "
-        f"{'; '.join(f'{v:,} x `{e}`' for e, v in h.get('errors', {}).items()) or 'no error'} |",
-        f"| ... pool (probe) | {n(pool.get('acquires'))} acquires, longest wait "
-        f"{n(pool.get('max_wait_ms'))} ms, {n(pool.get('over_1s'))} over 1 s, "
-        f"{n(pool.get('max_waiting'))} waiting at once (most in one process); Postgres "
-        f"connections of the service at most {h['pg_connections_peak']} |",
+        *_herd_rows(h),
         "",
     ]
 
@@ -132,3 +108,37 @@ def _behind(behind: dict[str, Any]) -> str:
     workers = ", ".join(f"{v:,}" for v in sorted(behind.get("by_worker", {}).values()))
     both = behind.get("users_with_both_tabs_behind")
     return f"{kinds}; held by workers {workers}; {both} users with both tabs behind"
+
+
+def _herd_rows(h: dict[str, Any]) -> list[str]:
+    """The restart's rows."""
+    pool, cpu = h["pool"], h.get("restart_cpu", {})
+    herd_refused = ", ".join(f"{v:,} {e}" for e, v in h["refused"].items()) or "none"
+    return [
+        f"| restart after SIGKILL | listening and ready again in {n(h['restart_s'], 1)} s "
+        f"({h.get('restart_error') or 'ready'}; each worker listening at "
+        f"{h.get('listen_s')} s, having used "
+        f"{cpu.get('service_to_listen_s')} CPU-s; to ready the service used "
+        f"{cpu.get('service_s')} CPU-s, the tabs' processes "
+        f"{cpu.get('clients_s')}); sockets per process after: "
+        f"{', '.join(map(str, h.get('sockets', [])))}; "
+        f"{n(h['resynced'])} of {n(h['streams'])} resynced, p50 {h['resync_p50_s']} s, "
+        f"p99 {h['resync_p99_s']} s, last {h['last_resync_s']} s after the kill; to then the "
+        f"service used {cpu.get('service_to_all_back_s')} CPU-s, the tabs' "
+        f"processes {cpu.get('clients_to_all_back_s')} |",
+        f"| ... state at the end | {h['stale']} tabs older than the database "
+        f"({n(h.get('stale_live'))} of them live), {h['ahead']} ahead "
+        f"({n(h.get('stale_at_first'))} behind 3 s after the last commit, "
+        f"{h.get('converged_s')} s before they agreed or were given up on); "
+        f"{n(h['commits'])} commits meanwhile |",
+        f"| ... the tabs behind | {_behind(h.get('behind') or {})} |",
+        f"| ... reconnects | {n(h['reconnects'])} attempts; refused: {herd_refused} |",
+        f"| ... the restarted service logged | "
+        f"{'; '.join(f'{v:,} x `{e}`' for e, v in h.get('errors', {}).items()) or 'no error'} |",
+        f"| ... pool (probe) | {n(pool.get('acquires'))} acquires, longest wait "
+        f"{n(pool.get('max_wait_ms'))} ms, {n(pool.get('over_1s'))} over 1 s, "
+        f"{n(pool.get('max_waiting'))} waiting at once (most in one process); Postgres "
+        f"connections of the service at most {h['pg_connections_peak']}; "
+        f"{n(pool.get('full_gcs'))} full garbage collections, the longest "
+        f"{n(pool.get('max_full_gc_ms'))} ms, {n(pool.get('full_gc_ms_total'))} ms in all |",
+    ]

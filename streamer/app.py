@@ -31,7 +31,7 @@ from streamer.sources.notify import NotifySource
 from streamer.sources.wal import WalSource
 from streamer.streams import feed_events, row_events
 from streamer.subscriber import Ended
-from streamer.tasks import Supervisor
+from streamer.tasks import Supervisor, every
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -208,35 +208,6 @@ async def _prune_forever(reads: Reads, feeds: Feeds, keep_hours: float) -> None:
             except CONNECTION_ERRORS as exc:
                 log.warning("tombstone pruning failed: %s", exc.__class__.__name__)
         await asyncio.sleep(PRUNE_EVERY)
-
-
-CATCH_UP_STEPS = 10  # steps of `every` run back to back after a hold-up, at most
-
-
-async def every(
-    seconds: float,
-    step: Callable[[], Awaitable[None] | None],
-    *,
-    clock: Callable[[], float] | None = None,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> None:
-    """`step` every `seconds`, on a fixed cadence: a step that takes a while (a group's
-    heartbeats), or a loop held up a moment (a full garbage collection), does not push
-    every later one later; the steps missed run at once. Held up for more than
-    CATCH_UP_STEPS of them (a machine suspended), the cadence starts again from now.
-    (`clock` and `sleep`: the loop's, but for tests.)"""
-    now = clock or asyncio.get_running_loop().time
-    due = now()
-    while True:
-        due += seconds
-        late = now() - due
-        if late > CATCH_UP_STEPS * seconds:
-            due = now()
-        elif late < 0:
-            await sleep(-late)
-        done = step()
-        if done is not None:
-            await done
 
 
 async def _background(app: web.Application) -> AsyncIterator[None]:

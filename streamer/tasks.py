@@ -4,7 +4,8 @@ A task that fails (raises anything but CancelledError, or returns: it was meant 
 forever) is logged once with its traceback, counted in
 `streamer_task_failures_total{task=...}` and started again after a jittered exponential
 backoff, which starts over once the task has run well for a while. Stopping the supervisor
-cancels every task and waits until each has ended.
+cancels every task and waits until each has ended. `every` runs a step of such a task on a
+fixed cadence (heartbeats, sweeps).
 """
 
 from __future__ import annotations
@@ -90,3 +91,32 @@ async def set_within(event: asyncio.Event, seconds: float) -> bool:
         async with asyncio.timeout(seconds):
             await event.wait()
     return event.is_set()
+
+
+CATCH_UP_STEPS = 10  # steps of `every` run back to back after a hold-up, at most
+
+
+async def every(
+    seconds: float,
+    step: Callable[[], Awaitable[None] | None],
+    *,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """`step` every `seconds`, on a fixed cadence: a step that takes a while (a group's
+    heartbeats), or a loop held up a moment (a full garbage collection), does not push
+    every later one later; the steps missed run at once. Held up for more than
+    CATCH_UP_STEPS of them (a machine suspended), the cadence starts again from now.
+    (`clock` and `sleep`: the loop's, but for tests.)"""
+    now = clock or asyncio.get_running_loop().time
+    due = now()
+    while True:
+        due += seconds
+        late = now() - due
+        if late > CATCH_UP_STEPS * seconds:
+            due = now()
+        elif late < 0:
+            await sleep(-late)
+        done = step()
+        if done is not None:
+            await done

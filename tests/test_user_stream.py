@@ -12,11 +12,11 @@ import pytest
 from streamer import hub as hub_module
 from streamer import keys
 from streamer import registry as registry_module
-from streamer.app import CATCH_UP_STEPS, every
 from streamer.feeds import FILES
 from streamer.hub import Hub
 from streamer.metrics import Metrics
 from streamer.subscriber import Envelope, Subscriber
+from streamer.tasks import CATCH_UP_STEPS, every
 from tests.client import open_stream
 from tests.conftest import SOURCE, Service, insert_file, start_service, stop_service, token_for
 
